@@ -1,0 +1,184 @@
+"""Build the FLARE job from a config: export it to jobs/, or run it in the simulator.
+
+    python -m fedopal.job --config app_configs/demo.yaml --export jobs/
+    python -m fedopal.job --config app_configs/demo.yaml --simulate [--workspace workspace] [--results results/demo]
+
+The job is a FedAvgRecipe with our three server/site components:
+    GlobalStateModel (server model = shared keys only), SharedKeyAggregator, SharedOnlyFilter (every task),
+plus TensorBoard tracking. The fedopal package and the resolved config ship in each app's custom/ folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import fedopal
+from fedopal.config import ConfigError, FedOpalConfig, dump_config, load_config
+from fedopal.methods import get_method
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(fedopal.__file__))
+CUSTOM_ROOT = os.path.dirname(PACKAGE_DIR)  # FLARE resolves the relative site script from here
+SITE_SCRIPT = "fedopal/client.py"  # relative, so the exported job holds no path of this machine
+JOB_CONFIG_NAME = "fedopal_job.yaml"
+KEY_METRIC = "personalized/val/balanced_accuracy"
+
+
+def _stage_config(cfg: FedOpalConfig, staging: str) -> str:
+    """The resolved config, shipped in each site's custom/ folder next to the site script."""
+    config_file = os.path.join(staging, JOB_CONFIG_NAME)
+    with open(config_file, "w") as f:
+        f.write(dump_config(cfg))
+    return config_file
+
+
+def build_recipe(cfg: FedOpalConfig, staging: str):
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from nvflare.recipe import add_experiment_tracking
+
+    from fedopal.aggregator import SharedKeyAggregator
+    from fedopal.filters import SharedOnlyFilter
+
+    spec = get_method(cfg.train.method, cfg.model.head)
+    config = cfg.model_dump(mode="json")
+    config_file = _stage_config(cfg, staging)
+    recipe = FedAvgRecipe(
+        name=cfg.name,
+        model={"class_path": "fedopal.server_model.GlobalStateModel", "args": {"config": config}},
+        min_clients=cfg.federation.min_clients or cfg.federation.num_sites,
+        num_rounds=cfg.train.num_rounds,
+        train_script=SITE_SCRIPT,
+        train_args=f"--config {JOB_CONFIG_NAME}",
+        aggregator=SharedKeyAggregator(config=config),
+        key_metric=KEY_METRIC,
+    )
+    recipe.add_client_file(config_file)
+    # Defense in depth: whatever the site script does, only shared keys leave the site, on every task.
+    recipe.add_client_output_filter(SharedOnlyFilter(shared_pattern=spec.shared_pattern()), tasks=["*"])
+    add_experiment_tracking(recipe, "tensorboard")
+    return recipe
+
+
+def export_job(cfg: FedOpalConfig, jobs_dir: str) -> str:
+    jobs_dir = os.path.abspath(jobs_dir)
+    target = os.path.join(jobs_dir, cfg.name)
+    with tempfile.TemporaryDirectory() as staging, contextlib.chdir(CUSTOM_ROOT):
+        recipe = build_recipe(cfg, staging)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        recipe.export(jobs_dir)
+    return target
+
+
+class ProgressWatcher(threading.Thread):
+    """Prints one line per site and round while the simulator runs, from each site's metrics log."""
+
+    def __init__(self, workspace: str, num_rounds: int, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.workspace, self.num_rounds, self.interval = workspace, num_rounds, interval
+        self._seen: dict[str, int] = {}
+        self._stop_event = threading.Event()
+
+    def run(self):
+        while not self._stop_event.wait(self.interval):
+            self.poll()
+
+    def poll(self):
+        from fedopal.site_state import METRICS_FILE, read_metrics
+
+        for path in sorted(glob.glob(os.path.join(self.workspace, "**", METRICS_FILE), recursive=True)):
+            records = read_metrics(os.path.dirname(path))
+            start = self._seen.get(path, 0)
+            for r in records[start:]:
+                print(f"  round {r['round'] + 1}/{self.num_rounds}  {r['site']:<8} "
+                      f"task loss {r['task_loss']:.3f}  orth {r['orth_loss']:.4f}  "
+                      f"val bal.acc {r['personalized/val/balanced_accuracy']:.3f}  ({r['wall_s']:.1f} s)",
+                      flush=True)
+            self._seen[path] = len(records)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join(timeout=5)
+        self.poll()
+
+
+def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None) -> str:
+    """Run the job in the FLARE simulator; returns the job's workspace folder."""
+    from nvflare.recipe import SimEnv
+
+    workspace = os.path.abspath(workspace)
+    os.environ["FEDOPAL_HOME"] = os.path.abspath(home or os.getcwd())
+    job_ws = os.path.join(workspace, cfg.name)
+    if os.path.isdir(job_ws):
+        shutil.rmtree(job_ws)
+    sites = cfg.federation.sites()
+    watcher = ProgressWatcher(job_ws, cfg.train.num_rounds)
+    with tempfile.TemporaryDirectory() as staging, contextlib.chdir(CUSTOM_ROOT):
+        recipe = build_recipe(cfg, staging)
+        env = SimEnv(clients=sites, workspace_root=workspace, log_config="WARNING")
+        watcher.start()
+        try:
+            recipe.run(env)
+        finally:
+            watcher.stop()
+    return job_ws
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--export", nargs="?", const="jobs", metavar="JOBS_DIR",
+                   help="export the job folder to JOBS_DIR/<name> (default jobs/)")
+    p.add_argument("--export-dir", dest="export_dir", help="same as --export JOBS_DIR (NVFlare's convention)")
+    p.add_argument("--simulate", action="store_true", help="run the job in the FLARE simulator")
+    p.add_argument("--workspace", default="workspace", help="simulator workspace root (kept)")
+    p.add_argument("--results", default=None, help="write summary.json/summary.md here after --simulate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.num_rounds=2 (value parsed as YAML)")
+    args = p.parse_args(argv)
+    sys.argv = sys.argv[:1]  # NVFlare's recipe module would otherwise consume --export itself
+    args.export = args.export_dir or args.export
+    if not (args.export or args.simulate):
+        p.error("give --export JOBS_DIR and/or --simulate")
+    try:
+        import yaml
+
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.num_rounds=2")
+            overrides[key] = yaml.safe_load(value)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.export:
+        print(f"exported {export_job(cfg, args.export)}")
+    if args.simulate:
+        from fedopal.report import summarize, write_summary
+
+        t0 = time.time()
+        print(f"Running {cfg.name} ({cfg.train.method}) in the FLARE simulator: "
+              f"{cfg.federation.num_sites} sites, {cfg.train.num_rounds} rounds", flush=True)
+        job_ws = simulate(cfg, args.workspace)
+        wall = time.time() - t0
+        summary = summarize(job_ws, cfg, wall)
+        print(summary["markdown"])
+        if args.results:
+            write_summary(summary, args.results)
+            print(f"results: {os.path.join(args.results, 'summary.md')} and summary.json")
+        print(f"workspace (TensorBoard: tensorboard --logdir {os.path.join(job_ws, 'server')}): {job_ws}")
+        print(f"wall time: {wall:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Per-site results table from the sites' metrics logs.
+
+Model selection follows METHOD.md: test metrics are reported at the round where that site's
+*validation* balanced accuracy peaked (that round is recorded), and at the final round.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+from fedopal.site_state import METRICS_FILE, read_metrics
+
+
+def collect_site_records(job_ws: str) -> dict[str, list[dict]]:
+    records: dict[str, list[dict]] = {}
+    for path in glob.glob(os.path.join(job_ws, "**", METRICS_FILE), recursive=True):
+        for r in read_metrics(os.path.dirname(path)):
+            records.setdefault(r["site"], []).append(r)
+    return {site: sorted(rs, key=lambda r: r["round"]) for site, rs in sorted(records.items())}
+
+
+def site_row(site: str, records: list[dict]) -> dict:
+    best = max(records, key=lambda r: r["personalized/val/balanced_accuracy"])
+    final = records[-1]
+    row = {
+        "site": site,
+        "best_val_round": best["round"] + 1,  # 1-based, as the progress lines
+        "bacc_personalized": best["personalized/test/balanced_accuracy"],
+        "bacc_global_only": best.get("global_only/test/balanced_accuracy", float("nan")),
+        "accuracy": best["personalized/test/accuracy"],
+        "auc": best["personalized/test/auc"],
+        "bacc_personalized_final": final["personalized/test/balanced_accuracy"],
+        "bytes_per_round": final["bytes_sent"],
+        "trainable_params": final["trainable_params"],
+        "rounds": len(records),
+    }
+    return row
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.3f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _nanmean(values):
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(job_ws: str, cfg, wall_s: float) -> dict:
+    records = collect_site_records(job_ws)
+    if not records:
+        raise RuntimeError(f"no site metrics found under {job_ws}: did the job run? See {job_ws}/*/log.txt")
+    rows = [site_row(site, rs) for site, rs in records.items()]
+    metric_cols = ("bacc_personalized", "bacc_global_only", "accuracy", "auc", "bacc_personalized_final")
+    mean = {c: _nanmean([r[c] for r in rows]) for c in metric_cols}
+    worst = min(rows, key=lambda r: r["bacc_personalized"])
+    header = ("| site | best val round | bal. acc. personalized | bal. acc. global-only | accuracy | AUC | "
+              "bal. acc. final round | bytes sent / round |")
+    lines = [f"### {cfg.name}: {cfg.train.method}, {len(rows)} sites, {cfg.train.num_rounds} rounds "
+             f"({cfg.model.backbone}, r={cfg.model.lora_rank}, head {cfg.model.head})", "",
+             header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['site']} | {r['best_val_round']} | " + " | ".join(_fmt(r[c]) for c in metric_cols[:4])
+                     + f" | {_fmt(r['bacc_personalized_final'])} | {_fmt(r['bytes_per_round'])} |")
+    lines.append("| **mean** | | " + " | ".join(f"**{_fmt(mean[c])}**" for c in metric_cols[:4])
+                 + f" | {_fmt(mean['bacc_personalized_final'])} | |")
+    lines.append(f"| worst site | {worst['site']} | {_fmt(worst['bacc_personalized'])} | | | | | |")
+    lines += ["", "Test metrics at each site's best-validation round (balanced accuracy is the headline). "
+              f"Wall time {wall_s:.0f} s."]
+    return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean,
+            "worst_site": {"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]},
+            "wall_s": round(wall_s, 1), "workspace": job_ws, "config": cfg.model_dump(mode="json"),
+            "markdown": "\n".join(lines)}
+
+
+def write_summary(summary: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "markdown"}, f, indent=2)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary["markdown"] + "\n")
