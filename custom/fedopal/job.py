@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         if args.results:
             write_summary(summary, args.results)
             print(f"results: {os.path.join(args.results, 'summary.md')} and summary.json")
-        print(f"workspace (TensorBoard: tensorboard --logdir {os.path.join(job_ws, 'server')}): {job_ws}")
+        print(f"simulator workspace: {job_ws}")
+        print(f"TensorBoard: tensorboard --logdir {os.path.join(job_ws, 'server', 'simulate_job', 'tb_events')}")
         print(f"wall time: {wall:.0f} s")
     return 0
 

@@ -1,0 +1,100 @@
+"""Site data: the demo federation builder and the MONAI pipeline from a manifest, on real PNG files."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedopal.config import config_from_dict
+from fedopal.data import DataError, build_datasets, build_transforms, label_counts, read_manifest
+from fedopal.prepare import build_federation
+
+from conftest import NPZ
+
+
+def test_demo_federation_is_real_pngs_with_per_site_splits(small_federation):
+    root, summary = small_federation
+    for site in ("site-1", "site-2"):
+        samples = read_manifest(str(root / site / "manifest.csv"), 2)
+        assert {s.split for s in samples} == {"train", "val", "test"}
+        img = Image.open(samples[0].path)
+        assert img.format == "PNG" and img.size == (28, 28)
+    assert summary["sites"]["site-1"]["shift"] != summary["sites"]["site-2"]["shift"]
+
+
+def test_default_demo_federation_has_30_test_images_per_class(tmp_path):
+    summary = build_federation(NPZ, str(tmp_path / "fed"), num_sites=4, seed=0)
+    for site, info in summary["sites"].items():
+        assert min(info["test"]) >= 30, site
+        samples = read_manifest(str(tmp_path / "fed" / site / "manifest.csv"), 2)
+        assert label_counts(samples, "test") == dict(enumerate(info["test"]))
+    fractions = [info["class_fractions"][0] for info in summary["sites"].values()]
+    assert max(fractions) - min(fractions) > 0.1  # label skew across sites
+    assert json.load(open(tmp_path / "fed" / "federation.json"))["seed"] == 0
+
+
+def test_federation_is_deterministic_by_seed(tmp_path):
+    a = build_federation(NPZ, str(tmp_path / "a"), num_sites=2, seed=3, train_per_site=20, val_per_site=8,
+                         test_per_site=8, min_test_per_class=2, min_val_per_class=2)
+    b = build_federation(NPZ, str(tmp_path / "b"), num_sites=2, seed=3, train_per_site=20, val_per_site=8,
+                         test_per_site=8, min_test_per_class=2, min_val_per_class=2)
+    assert a == b
+    img_a = np.array(Image.open(tmp_path / "a" / "site-2" / "images" / "train_00000.png"))
+    img_b = np.array(Image.open(tmp_path / "b" / "site-2" / "images" / "train_00000.png"))
+    assert np.array_equal(img_a, img_b)
+
+
+def test_pipeline_resizes_repeats_channels_and_normalizes(small_federation):
+    root, _ = small_federation
+    cfg = config_from_dict({"data": {"image_size": 64, "in_channels": 1}})
+    samples = read_manifest(str(root / "site-1" / "manifest.csv"), 2)
+    ds = build_datasets(cfg.data, samples, model_in_channels=3, normalization="imagenet")
+    item = ds["test"][0]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["image"].min() < 0  # ImageNet mean subtracted
+    assert int(item["label"]) in (0, 1)
+    raw = build_transforms(cfg.data, 1, "none", train=False)({"image": samples[0].path, "label": 0})
+    assert raw["image"].shape == (1, 64, 64) and 0.0 <= raw["image"].min() and raw["image"].max() <= 1.0
+
+
+def test_augmentation_only_on_train(small_federation):
+    cfg = config_from_dict({"data": {"image_size": 32}})
+    names = lambda t: [type(s).__name__ for s in t.transforms]  # noqa: E731
+    assert "RandAffined" in names(build_transforms(cfg.data, 1, "none", train=True))
+    assert "RandAffined" not in names(build_transforms(cfg.data, 1, "none", train=False))
+
+
+def _manifest(tmp_path, rows, header=("path", "label", "split")):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(img)
+    path = tmp_path / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.mark.parametrize("rows,header,needle", [
+    ([("a.png", 0, "train")], ("path", "label"), "missing column"),
+    ([("a.png", "x", "train")], None, "not an integer"),
+    ([("a.png", 5, "train")], None, "out of range"),
+    ([("a.png", 0, "training")], None, "not one of"),
+    ([("missing.png", 0, "train")], None, "not found"),
+    ([("a.png", 0, "train"), ("a.png", 1, "val")], None, "'test' split is empty"),
+])
+def test_bad_manifest_gets_a_clear_error(tmp_path, rows, header, needle):
+    path = _manifest(tmp_path, rows, header or ("path", "label", "split"))
+    with pytest.raises(DataError, match=needle) as err:
+        read_manifest(path, num_classes=2)
+    assert "manifest.csv" in str(err.value) and "Fix" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_channel_mismatch_without_repeat_is_an_error():
+    cfg = config_from_dict({"data": {"in_channels": 1, "channel_adapt": "error"}})
+    with pytest.raises(DataError, match="channel"):
+        build_transforms(cfg.data, 3, "imagenet", train=False)

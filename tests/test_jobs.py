@@ -1,0 +1,50 @@
+"""The committed job folders are exactly what the job builder exports (no drift), and hold no local paths."""
+
+import filecmp
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedopal.config import load_config
+from fedopal.job import export_job
+
+from conftest import REPO
+
+COMMITTED = {"fedopal_demo": "app_configs/demo.yaml"}
+
+
+def _tree(root):
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        out += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if not f.endswith(".pyc")]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("job,config", COMMITTED.items())
+def test_committed_job_matches_a_fresh_export(tmp_path, job, config):
+    committed = os.path.join(REPO, "jobs", job)
+    fresh = export_job(load_config(os.path.join(REPO, config)), str(tmp_path))
+    assert _tree(fresh) == _tree(committed), "file list drifted: run `make export` and commit jobs/"
+    for rel in _tree(fresh):
+        assert filecmp.cmp(os.path.join(fresh, rel), os.path.join(committed, rel), shallow=False), (
+            f"jobs/{job}/{rel} drifted: run `make export` and commit jobs/")
+
+
+@pytest.mark.parametrize("job", COMMITTED)
+def test_job_holds_no_path_of_this_machine(job):
+    for rel in _tree(os.path.join(REPO, "jobs", job)):
+        text = open(os.path.join(REPO, "jobs", job, rel)).read()
+        assert REPO not in text and "/tmp/" not in text, rel
+
+
+def test_job_cli_rejects_a_bad_config_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  num_rounds: 0\n")
+    proc = subprocess.run([sys.executable, "-m", "fedopal.job", "--config", str(bad), "--export", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "'train.num_rounds'" in proc.stderr
+    assert "Traceback" not in proc.stderr
