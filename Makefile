@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: venv demo test test-fast prepare export clean
+.PHONY: .venv venv demo test test-fast prepare export clean
 
-venv: $(STAMP)
+.venv venv: $(STAMP)
 
 # Idempotent: reinstalls only when requirements.txt changes. torch goes first so that the CPU wheel
 # on disk satisfies every later `torch` requirement (a bare `torch` would pull a multi-GB CUDA build).

@@ -78,8 +78,37 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
             "markdown": "\n".join(lines)}
 
 
+def plot_rounds(records: dict[str, list[dict]], path: str, title: str) -> None:
+    """Balanced accuracy against rounds, per site: personalized (solid) and global-only (dashed), on test."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (site, rs) in enumerate(records.items()):
+        rounds = [r["round"] + 1 for r in rs]
+        color = f"C{i}"
+        ax.plot(rounds, [r["personalized/test/balanced_accuracy"] for r in rs], "-o", color=color,
+                label=f"{site} personalized")
+        if "global_only/test/balanced_accuracy" in rs[0]:
+            ax.plot(rounds, [r["global_only/test/balanced_accuracy"] for r in rs], "--", color=color,
+                    label=f"{site} global-only")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test balanced accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_summary(summary: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
+    plot_rounds(collect_site_records(summary["workspace"]), os.path.join(out_dir, "rounds.png"),
+                f"{summary['name']}: {summary['method']}")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "markdown"}, f, indent=2)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
