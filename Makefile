@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv demo test test-fast prepare export clean
+.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d export clean
 
 .venv venv: $(STAMP)
 
@@ -28,11 +28,26 @@ data/demo_federation/federation.json: $(STAMP) custom/fedopal/prepare.py data/me
 
 prepare: data/demo_federation/federation.json
 
+# 3D: AdrenalMNIST3D as NIfTI volumes, at 28^3 and 64^3 (same samples, same sites)
+FED3D_ARGS := --sites 4 --seed 0 --skew-prior global --alpha 2 --train-per-site 100 --val-per-site 30 --test-per-site 64
+data/demo_federation_3d/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/adrenalmnist3d.npz
+	$(PY) -m fedopal.prepare --npz data/medmnist/adrenalmnist3d.npz --out data/demo_federation_3d $(FED3D_ARGS)
+
+data/demo_federation_3d_64/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/adrenalmnist3d_64.npz
+	$(PY) -m fedopal.prepare --npz data/medmnist/adrenalmnist3d_64.npz --out data/demo_federation_3d_64 $(FED3D_ARGS)
+
+prepare-3d: data/demo_federation_3d/federation.json data/demo_federation_3d_64/federation.json
+
 demo: prepare
 	$(PY) -m fedopal.job --config app_configs/demo.yaml --simulate --workspace workspace --results results/demo
 
+demo-3d: prepare-3d
+	$(PY) -m fedopal.job --config app_configs/demo_3d.yaml --simulate --workspace workspace --results results/demo_3d
+
+# regenerate every committed job folder (tests/test_jobs.py fails on drift)
 export: $(STAMP)
 	$(PY) -m fedopal.job --config app_configs/demo.yaml --export jobs
+	$(PY) -m fedopal.job --config app_configs/demo_3d.yaml --export jobs
 
 test: prepare
 	$(PY) -m pytest -q tests
@@ -41,4 +56,4 @@ test-fast: prepare
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf workspace results data/demo_federation
+	rm -rf workspace results data/demo_federation data/demo_federation_3d data/demo_federation_3d_64

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fedopal.backbones import IMAGENET
 from fedopal.config import config_from_dict
 from fedopal.data import DataError, build_datasets, build_transforms, label_counts, read_manifest
 from fedopal.prepare import build_federation
@@ -52,20 +53,20 @@ def test_pipeline_resizes_repeats_channels_and_normalizes(small_federation):
     root, _ = small_federation
     cfg = config_from_dict({"data": {"image_size": 64, "in_channels": 1}})
     samples = read_manifest(str(root / "site-1" / "manifest.csv"), 2)
-    ds = build_datasets(cfg.data, samples, model_in_channels=3, normalization="imagenet")
+    ds = build_datasets(cfg.data, samples, model_in_channels=3, normalization=IMAGENET)
     item = ds["test"][0]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
     assert item["image"].min() < 0  # ImageNet mean subtracted
     assert int(item["label"]) in (0, 1)
-    raw = build_transforms(cfg.data, 1, "none", train=False)({"image": samples[0].path, "label": 0})
+    raw = build_transforms(cfg.data, 1, None, train=False)({"image": samples[0].path, "label": 0})
     assert raw["image"].shape == (1, 64, 64) and 0.0 <= raw["image"].min() and raw["image"].max() <= 1.0
 
 
 def test_augmentation_only_on_train(small_federation):
     cfg = config_from_dict({"data": {"image_size": 32}})
     names = lambda t: [type(s).__name__ for s in t.transforms]  # noqa: E731
-    assert "RandAffined" in names(build_transforms(cfg.data, 1, "none", train=True))
-    assert "RandAffined" not in names(build_transforms(cfg.data, 1, "none", train=False))
+    assert "RandAffined" in names(build_transforms(cfg.data, 1, None, train=True))
+    assert "RandAffined" not in names(build_transforms(cfg.data, 1, None, train=False))
 
 
 def _manifest(tmp_path, rows, header=("path", "label", "split")):
@@ -97,4 +98,4 @@ def test_bad_manifest_gets_a_clear_error(tmp_path, rows, header, needle):
 def test_channel_mismatch_without_repeat_is_an_error():
     cfg = config_from_dict({"data": {"in_channels": 1, "channel_adapt": "error"}})
     with pytest.raises(DataError, match="channel"):
-        build_transforms(cfg.data, 3, "imagenet", train=False)
+        build_transforms(cfg.data, 3, IMAGENET, train=False)

@@ -12,7 +12,7 @@ from fedopal.job import export_job
 
 from conftest import REPO
 
-COMMITTED = {"fedopal_demo": "app_configs/demo.yaml"}
+COMMITTED = {"fedopal_demo": "app_configs/demo.yaml", "fedopal_3d": "app_configs/demo_3d.yaml"}
 
 
 def _tree(root):

@@ -1,14 +1,19 @@
-"""Build the demo federation from a MedMNIST .npz: N sites, label skew, one "scanner" shift per site.
+"""Build a demo federation from a MedMNIST .npz: N sites, label skew, one "scanner" shift per site.
 
     python -m fedopal.prepare --npz data/medmnist/pneumoniamnist.npz --out data/demo_federation --sites 4
+    python -m fedopal.prepare --npz data/medmnist/adrenalmnist3d.npz --out data/demo_federation_3d --skew-prior global
 
 All official splits are pooled, then every site draws its own train/val/test without replacement:
-- label skew: class proportions q ~ Dirichlet(alpha), clipped to [min_frac, 1 - min_frac];
+- label skew: class proportions q ~ Dirichlet(alpha * K * prior), clipped to [min_frac, 1 - min_frac]; the
+  prior is uniform, or the pooled class frequencies (`--skew-prior global`, for rare classes);
 - test: at least `min_test_per_class` images of every class (METHOD.md: one image must not move
   balanced accuracy by several points);
 - acquisition shift, one per site, cycling (documented in SHIFTS).
-Output: real PNG files plus `<site>/manifest.csv` (path,label,split), and `federation.json`.
-Deterministic by seed.
+Output: real PNG files (2D) or NIfTI volumes (3D, .nii.gz with an affine), plus `<site>/manifest.csv`
+(path,label,split) and `federation.json`. Deterministic by seed.
+
+MedMNIST 3D does not publish the original voxel size. Volumes are written on a nominal isotropic grid with
+the same 28 mm field of view at every resolution (1 mm at 28^3, 0.4375 mm at 64^3), centred on the origin.
 """
 
 from __future__ import annotations
@@ -54,8 +59,29 @@ def site_names(n: int) -> list[str]:
     return [f"site-{i + 1}" for i in range(n)]
 
 
-def _class_fractions(rng, num_classes: int, alpha: float, min_frac: float) -> np.ndarray:
-    q = rng.dirichlet(np.full(num_classes, alpha))
+FIELD_OF_VIEW_MM = 28.0
+
+
+def nifti_affine(size: int) -> np.ndarray:
+    spacing = FIELD_OF_VIEW_MM / size
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -spacing * (size - 1) / 2.0
+    return affine
+
+
+def _write_image(img: np.ndarray, path: str) -> None:
+    """img in [0, 1]; 2D -> 8-bit PNG, 3D -> uint8 NIfTI (.nii.gz) with the nominal affine."""
+    data = np.round(img * 255).astype(np.uint8)
+    if img.ndim == 2:
+        Image.fromarray(data).save(path)
+    else:
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(data, nifti_affine(img.shape[0])), path)
+
+
+def _class_fractions(rng, prior: np.ndarray, alpha: float, min_frac: float) -> np.ndarray:
+    q = rng.dirichlet(alpha * len(prior) * prior)
     q = np.clip(q, min_frac, 1.0 - min_frac)
     return q / q.sum()
 
@@ -66,23 +92,27 @@ def _counts(q: np.ndarray, total: int, minimum: int) -> np.ndarray:
 
 def build_federation(npz_path: str, out_dir: str, num_sites: int = 4, seed: int = 0, alpha: float = 0.5,
                      min_frac: float = 0.12, train_per_site: int = 400, val_per_site: int = 100,
-                     test_per_site: int = 120, min_test_per_class: int = 30, min_val_per_class: int = 10) -> dict:
+                     test_per_site: int = 120, min_test_per_class: int = 30, min_val_per_class: int = 10,
+                     skew_prior: str = "uniform") -> dict:
     if not os.path.isfile(npz_path):
         raise FileNotFoundError(f"{npz_path}: MedMNIST file not found. Fix: run from the repository root.")
     with np.load(npz_path) as npz:
         images = np.concatenate([npz[f"{s}_images"] for s in ("train", "val", "test")])
         labels = np.concatenate([npz[f"{s}_labels"] for s in ("train", "val", "test")]).reshape(-1).astype(int)
     num_classes = int(labels.max()) + 1
+    prior = np.bincount(labels, minlength=num_classes) / len(labels) if skew_prior == "global" \
+        else np.full(num_classes, 1.0 / num_classes)
+    suffix = ".png" if images.ndim == 3 else ".nii.gz"
     rng = np.random.default_rng(seed)
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in range(num_classes)}
 
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     shift_names = list(SHIFTS)
-    summary = {"source": os.path.basename(npz_path), "seed": seed, "alpha": alpha, "num_classes": num_classes,
-               "sites": {}}
+    summary = {"source": os.path.basename(npz_path), "seed": seed, "alpha": alpha, "skew_prior": skew_prior,
+               "num_classes": num_classes, "image_shape": list(images.shape[1:]), "sites": {}}
     for i, site in enumerate(site_names(num_sites)):
-        q = _class_fractions(rng, num_classes, alpha, min_frac)
+        q = _class_fractions(rng, prior, alpha, min_frac)
         plan = {
             "train": _counts(q, train_per_site, 1),
             "val": _counts(q, val_per_site, min_val_per_class),
@@ -102,8 +132,8 @@ def build_federation(npz_path: str, out_dir: str, num_sites: int = 4, seed: int 
                 for idx in (pools[c].pop() for _ in range(int(n))):
                     img = images[idx].astype(np.float32) / 255.0
                     img = np.clip(shift_fn(img, site_rng), 0.0, 1.0)
-                    name = f"images/{split}_{len(rows):05d}.png"
-                    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(os.path.join(site_dir, name))
+                    name = f"images/{split}_{len(rows):05d}{suffix}"
+                    _write_image(img, os.path.join(site_dir, name))
                     rows.append((name, c, split))
         with open(os.path.join(site_dir, "manifest.csv"), "w", newline="") as f:
             writer = csv.writer(f)
@@ -134,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
+    p.add_argument("--skew-prior", choices=("uniform", "global"), default="uniform",
+                   help="centre of the label skew: uniform, or the pooled class frequencies")
     p.add_argument("--train-per-site", type=int, default=400)
     p.add_argument("--val-per-site", type=int, default=100)
     p.add_argument("--test-per-site", type=int, default=120)
@@ -141,11 +173,11 @@ def main(argv=None) -> int:
     try:
         summary = build_federation(args.npz, args.out, args.sites, args.seed, args.alpha,
                                    train_per_site=args.train_per_site, val_per_site=args.val_per_site,
-                                   test_per_site=args.test_per_site)
+                                   test_per_site=args.test_per_site, skew_prior=args.skew_prior)
     except (FileNotFoundError, ValueError) as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 2
-    print(f"Demo federation written to {args.out} ({args.sites} sites, every test class >= 30 images):")
+    print(f"Demo federation written to {args.out} ({args.sites} sites, every test class >= 30 samples):")
     print(format_summary(summary))
     return 0
 
