@@ -6,6 +6,8 @@
 The job is a FedAvgRecipe with our three server/site components:
     GlobalStateModel (server model = shared keys only), SharedKeyAggregator, SharedOnlyFilter (every task),
 plus TensorBoard tracking. The fedopal package and the resolved config ship in each app's custom/ folder.
+The job asks for the privacy scope PRIVACY_SCOPE: a site whose local/privacy.json defines it applies its own
+result filters first (see poc_setup/site_privacy.json).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import os
 import shutil
 import sys
@@ -21,27 +24,36 @@ import threading
 import time
 
 import fedopal
-from fedopal.config import ConfigError, FedOpalConfig, dump_config, load_config
+from fedopal.config import ConfigError, FedOpalConfig, load_config
 from fedopal.methods import get_method
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedopal.__file__))
 CUSTOM_ROOT = os.path.dirname(PACKAGE_DIR)  # FLARE resolves the relative site script from here
 SITE_SCRIPT = "fedopal/client.py"  # relative, so the exported job holds no path of this machine
-JOB_CONFIG_NAME = "fedopal_job.yaml"
+# JSON, not YAML: `nvflare job submit` re-reads and re-writes every config file in a job's custom/ folder, and
+# its YAML path needs omegaconf (not installed); JSON round-trips losslessly, and load_config reads it as YAML.
+JOB_CONFIG_NAME = "fedopal_job.json"
 KEY_METRIC = "personalized/val/balanced_accuracy"
+PRIVACY_SCOPE = "fedopal"  # the scope name in each site's local/privacy.json
 
 
 def _stage_config(cfg: FedOpalConfig, staging: str) -> str:
     """The resolved config, shipped in each site's custom/ folder next to the site script."""
     config_file = os.path.join(staging, JOB_CONFIG_NAME)
     with open(config_file, "w") as f:
-        f.write(dump_config(cfg))
+        json.dump(cfg.model_dump(mode="json"), f, indent=2)
+        f.write("\n")
     return config_file
 
 
-def build_recipe(cfg: FedOpalConfig, staging: str):
+def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = False, test_leak_personal: bool = False):
+    """site_filter_only: leave out the job's own result filter (the sites' privacy.json must protect alone).
+    test_leak_personal: TEST ONLY, the site script also sends its personal tensors (see client.py).
+    Together they make the job that proves a site-enforced filter stops personal tensors by itself."""
+    from nvflare.apis.job_def import JobMetaKey
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe import add_experiment_tracking
+    from nvflare.recipe.utils import set_recipe_meta
 
     from fedopal.aggregator import SharedKeyAggregator
     from fedopal.filters import SharedOnlyFilter
@@ -55,22 +67,25 @@ def build_recipe(cfg: FedOpalConfig, staging: str):
         min_clients=cfg.federation.min_clients or cfg.federation.num_sites,
         num_rounds=cfg.train.num_rounds,
         train_script=SITE_SCRIPT,
-        train_args=f"--config {JOB_CONFIG_NAME}",
+        train_args=f"--config {JOB_CONFIG_NAME}" + (" --test-leak-personal" if test_leak_personal else ""),
         aggregator=SharedKeyAggregator(config=config),
         key_metric=KEY_METRIC,
     )
     recipe.add_client_file(config_file)
-    # Defense in depth: whatever the site script does, only shared keys leave the site, on every task.
-    recipe.add_client_output_filter(SharedOnlyFilter(shared_pattern=spec.shared_pattern()), tasks=["*"])
+    if not site_filter_only:
+        # Defense in depth: whatever the site script does, only shared keys leave the site, on every task.
+        recipe.add_client_output_filter(SharedOnlyFilter(shared_pattern=spec.shared_pattern()), tasks=["*"])
+    set_recipe_meta(recipe, JobMetaKey.SCOPE, PRIVACY_SCOPE)
     add_experiment_tracking(recipe, "tensorboard")
     return recipe
 
 
-def export_job(cfg: FedOpalConfig, jobs_dir: str) -> str:
+def export_job(cfg: FedOpalConfig, jobs_dir: str, **recipe_options) -> str:
+    """recipe_options: build_recipe's keyword options (the tests' privacy job)."""
     jobs_dir = os.path.abspath(jobs_dir)
     target = os.path.join(jobs_dir, cfg.name)
     with tempfile.TemporaryDirectory() as staging, contextlib.chdir(CUSTOM_ROOT):
-        recipe = build_recipe(cfg, staging)
+        recipe = build_recipe(cfg, staging, **recipe_options)
         if os.path.isdir(target):
             shutil.rmtree(target)
         recipe.export(jobs_dir)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # (mean, std)
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
 class BackboneError(ValueError):
@@ -27,7 +27,7 @@ class Backbone:
     feature_dim: int
     lora_targets: str  # regex (re.fullmatch) over module names inside `module`
     in_channels: int  # channels the model expects; data with fewer is repeated
-    normalization: str  # "imagenet" or "none"
+    normalization: tuple | None  # (mean, std) per channel of the pretraining, or None
 
 
 class EfficientNetFeatures(nn.Module):
@@ -39,6 +39,21 @@ class EfficientNetFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class HFFeatures(nn.Module):
+    """A transformers vision encoder: the pooled output if the family has a trained one (CLIP), else [CLS]."""
+
+    def __init__(self, net: nn.Module, use_pooler: bool, interpolate: bool):
+        super().__init__()
+        self.net = net
+        self.use_pooler = use_pooler
+        self.interpolate = interpolate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kwargs = {"interpolate_pos_encoding": True} if self.interpolate else {}
+        out = self.net(pixel_values=x, **kwargs)
+        return out.pooler_output if self.use_pooler else out.last_hidden_state[:, 0]
 
 
 class VitFeatures(nn.Module):
@@ -94,7 +109,7 @@ def _efficientnet_lite0(cfg) -> Backbone:
         feature_dim=net._conv_head.out_channels,
         lora_targets=r"net\.(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)",
         in_channels=3,
-        normalization="imagenet",
+        normalization=IMAGENET,
     )
 
 
@@ -112,15 +127,16 @@ def _monai_vit(cfg) -> Backbone:
             f"model.vit.hidden_size={v.hidden_size} is not a multiple of model.vit.num_heads={v.num_heads}. "
             "Fix: change one of them."
         )
+    dims = cfg.data.spatial_dims
     net = ViT(
         in_channels=cfg.data.in_channels,
-        img_size=(cfg.data.image_size,) * 2,
+        img_size=(cfg.data.image_size,) * dims,
         patch_size=v.patch_size,
         hidden_size=v.hidden_size,
         mlp_dim=v.mlp_dim,
         num_layers=v.num_layers,
         num_heads=v.num_heads,
-        spatial_dims=2,
+        spatial_dims=dims,
         classification=False,
     )
     return Backbone(
@@ -128,11 +144,68 @@ def _monai_vit(cfg) -> Backbone:
         feature_dim=v.hidden_size,
         lora_targets=r"net\.blocks\.\d+\.(attn\.(qkv|out_proj)|mlp\.(linear1|linear2))",
         in_channels=cfg.data.in_channels,
-        normalization="none",
+        normalization=None,
     )
 
 
-BACKBONES = {"efficientnet_lite0": _efficientnet_lite0, "monai_vit": _monai_vit}
+# transformers 5 names attention q/k/v/o_proj and MLP fc1/fc2 across ViT, DINOv2 and CLIP; older names kept.
+HF_LORA_TARGETS = r"net\..*\.(q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value|fc1|fc2)"
+
+
+def _hf_normalization(source: str, model_type: str) -> tuple:
+    """The image processor's mean/std when the folder has one, else the family's pretraining statistics."""
+    import json
+
+    processor = os.path.join(source, "preprocessor_config.json")
+    if os.path.isfile(processor):
+        with open(processor) as f:
+            conf = json.load(f)
+        if "image_mean" in conf and "image_std" in conf:
+            return tuple(conf["image_mean"]), tuple(conf["image_std"])
+    return CLIP if model_type.startswith("clip") else IMAGENET
+
+
+def _hf(cfg) -> Backbone:
+    """Any transformers vision encoder from `from_pretrained(<local folder or hub id>)`."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per site per job is noise in FLARE logs
+    source = cfg.model.hf_model
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise BackboneError(
+            f"model.hf_model: cannot load a transformers config from {source!r} ({_short(err)}). Fix: give a local "
+            "folder written by save_pretrained (config.json + weights), or a hub id on a machine with network."
+        ) from None
+    model_type = config.model_type
+    if model_type in ("clip", "clip_vision_model"):
+        loader = CLIPVisionModel
+    elif model_type in ("vit", "dinov2", "deit", "beit", "vit_mae", "siglip_vision_model"):
+        loader = AutoModel
+    else:
+        raise BackboneError(f"model.hf_model: model type {model_type!r} is not a supported vision encoder. "
+                            "Fix: use a ViT, DINOv2 or CLIP vision checkpoint.")
+    kwargs = {"add_pooling_layer": False} if model_type == "vit" else {}
+    net = loader.from_pretrained(source, **kwargs) if cfg.model.pretrained else loader.from_config(config, **kwargs)
+    vision = getattr(config, "vision_config", config)
+    return Backbone(
+        module=HFFeatures(net, use_pooler=loader is CLIPVisionModel,
+                          interpolate=model_type != "dinov2" and vision.image_size != cfg.data.image_size),
+        feature_dim=vision.hidden_size,
+        lora_targets=HF_LORA_TARGETS,
+        in_channels=getattr(vision, "num_channels", 3),
+        normalization=_hf_normalization(source, model_type),
+    )
+
+
+def _short(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+BACKBONES = {"efficientnet_lite0": _efficientnet_lite0, "monai_vit": _monai_vit, "hf": _hf}
 
 
 def load_checkpoint(module: nn.Module, path: str) -> None:

@@ -35,7 +35,9 @@ def resolve(path: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="fedopal_job.yaml", help="relative to the app's custom/ folder")
+    parser.add_argument("--config", default="fedopal_job.json", help="relative to the app's custom/ folder")
+    parser.add_argument("--test-leak-personal", action="store_true",
+                        help="TEST ONLY: also send the personal tensors, to prove a site's privacy filter stops them")
     args = parser.parse_args(argv)
     custom_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config_path = args.config if os.path.isabs(args.config) else os.path.join(custom_dir, args.config)
@@ -81,9 +83,10 @@ def main(argv=None) -> None:
         # (5) evaluate the personalized and the global-only model on this site's val/test split
         metrics = trainer.evaluate()
         shared = model.shared_state()
+        outgoing = {**shared, **model.site_state()} if args.test_leak_personal else shared
         store.save_personal(model.site_state(), round_num, spec.name, metrics)
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
-                  "bytes_sent": nbytes(shared), "trainable_params": trainable,
+                  "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
                   "wall_s": round(time.time() - start, 3), **train_stats, **metrics}
         store.append_metrics(record)
         for tag in ("task_loss", "orth_loss"):
@@ -94,7 +97,7 @@ def main(argv=None) -> None:
               f"test bal. acc. {metrics['personalized/test/balanced_accuracy']:.3f}")
 
         # (6) send only the shared tensors, weighted by the number of training samples
-        flare.send(FLModel(params=shared, metrics=metrics,
+        flare.send(FLModel(params=outgoing, metrics=metrics,
                            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: trainer.num_train_samples}))
 
 

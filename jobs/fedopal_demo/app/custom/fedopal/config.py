@@ -10,7 +10,7 @@ import os
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedopal.methods import METHODS
 
@@ -26,7 +26,16 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     root: str = Field("data/demo_federation", description="folder holding one sub-folder per site")
     manifest: str = Field("manifest.csv", description="manifest file name inside each site folder")
-    image_size: int = Field(64, ge=8, le=1024, description="images are resized to this square size")
+    spatial_dims: Literal[2, 3] = Field(2, description="2: PNG/JPEG/NPY images; 3: NIfTI (or NPY) volumes")
+    image_size: int = Field(64, ge=8, le=1024, description="images/volumes are brought to this size per axis")
+    spatial_mode: Literal["resize", "crop"] = Field(
+        "resize", description="reach image_size by resizing, or by center crop / zero pad")
+    orientation: Optional[str] = Field(None, pattern=r"^[LRAPSI]{3}$",
+                                       description="3D: reorient to these axis codes, e.g. RAS")
+    spacing: Optional[tuple[float, float, float]] = Field(None, description="3D: resample to this voxel size (mm)")
+    intensity_range: Optional[tuple[float, float]] = Field(
+        None, description="map [lo, hi] to [0, 1] and clip; default 0..255 for 8-bit images, per-volume min-max "
+                          "for NIfTI")
     in_channels: int = Field(1, ge=1, le=4, description="channels of the stored images")
     channel_adapt: Literal["repeat", "error"] = Field(
         "repeat", description="1-channel data into a 3-channel backbone: repeat the channel, or stop")
@@ -47,8 +56,9 @@ class VitConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["efficientnet_lite0", "monai_vit"] = "efficientnet_lite0"
+    backbone: Literal["efficientnet_lite0", "monai_vit", "hf"] = "efficientnet_lite0"
     pretrained: bool = Field(True, description="load the backbone's offline pretrained weights")
+    hf_model: Optional[str] = Field(None, description="backbone hf: a local folder or a hub id for from_pretrained")
     checkpoint: Optional[str] = Field(None, description="local torch state_dict loaded into the backbone")
     vit: VitConfig = VitConfig()
     lora_rank: int = Field(8, ge=1, le=256)
@@ -65,6 +75,8 @@ class TrainConfig(_Section):
     local_steps: Optional[int] = Field(None, ge=1, description="if set, overrides local_epochs")
     lr: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0)
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight the task loss by inverse class frequency of the site's train split")
     orth_lambda: float = Field(0.1, ge=0)
     orth_on: Literal["A", "B", "AB"] = "A"
     orth_normalize: bool = False
@@ -89,6 +101,8 @@ class FederationConfig(_Section):
 
 
 class FedOpalConfig(_Section):
+    """The whole experiment. Cross-field rules that need two sections live in `check`."""
+
     name: str = Field("fedopal_demo", pattern=r"^[A-Za-z0-9_\-]+$")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -97,6 +111,15 @@ class FedOpalConfig(_Section):
     site_state_dir: Optional[str] = Field(
         None, description="where each site keeps its personal state; default: <site workspace>/fedopal_site_state"
     )
+
+    @model_validator(mode="after")
+    def check(self) -> "FedOpalConfig":
+        if self.model.backbone == "hf" and not self.model.hf_model:
+            raise ValueError("model.hf_model is required with backbone 'hf' (a local folder or a hub id)")
+        if self.data.spatial_dims == 3 and self.model.backbone != "monai_vit":
+            raise ValueError(f"data.spatial_dims is 3 but model.backbone '{self.model.backbone}' is 2D-pretrained; "
+                             "use backbone monai_vit (spatial_dims 3) for volumes")
+        return self
 
 
 def _describe(model_cls: type[BaseModel], loc: tuple) -> tuple[str, str]:
@@ -117,7 +140,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key, allowed = _describe(FedOpalConfig, tuple(e["loc"]))
-        if e["type"] == "extra_forbidden":
+        if not key:  # a rule across fields (FedOpalConfig.check): the message names them
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}. Fix: change those keys in {source}.")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}'. Allowed keys here: {allowed}. Fix: remove or rename it.")
         else:
             msg = e["msg"].removeprefix("Value error, ")

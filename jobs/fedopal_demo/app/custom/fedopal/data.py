@@ -18,16 +18,22 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     NormalizeIntensityd,
+    Orientationd,
     RandAffined,
+    RandFlipd,
     RepeatChanneld,
     Resized,
+    ResizeWithPadOrCropd,
+    ScaleIntensityd,
     ScaleIntensityRanged,
+    Spacingd,
 )
-
-from fedopal.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split")
+# file suffix -> (MONAI reader, format family); one family per site
+READERS = {".png": ("PILReader", "image"), ".jpg": ("PILReader", "image"), ".jpeg": ("PILReader", "image"),
+           ".npy": ("NumpyReader", "array"), ".nii": ("NibabelReader", "nifti"), ".nii.gz": ("NibabelReader", "nifti")}
 
 
 class DataError(ValueError):
@@ -77,19 +83,75 @@ def read_manifest(manifest_path: str, num_classes: int) -> list[Sample]:
     return samples
 
 
-def build_transforms(data_cfg, model_in_channels: int, normalization: str, train: bool) -> Compose:
-    """The 2D pipeline, declared: load, channel first, scale to [0,1], resize, (augment), adapt channels, normalize."""
+def suffix_of(path: str) -> str:
+    lower = path.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
+
+
+def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "") -> str:
+    """The site's one format family; 2D files in a 3D config (and the reverse) stop here, before training."""
+    suffixes = {suffix_of(s.path) for s in samples}
+    unknown = sorted(suffixes - set(READERS))
+    if unknown:
+        raise DataError(f"{manifest_path}: unsupported file type(s) {unknown}. "
+                        f"Fix: use one of {', '.join(READERS)}.")
+    families = {READERS[x][1] for x in suffixes}
+    if len(families) > 1:
+        raise DataError(f"{manifest_path}: mixed file types {sorted(suffixes)}. Fix: one format per site.")
+    family = families.pop()
+    if spatial_dims == 3 and family == "image":
+        raise DataError(f"{manifest_path}: data.spatial_dims is 3 but the site holds 2D images ({sorted(suffixes)}). "
+                        "Fix: point the manifest at NIfTI volumes, or set data.spatial_dims: 2.")
+    if family == "nifti":
+        import nibabel as nib
+
+        first = samples[0].path
+        try:
+            shape = nib.load(first).shape
+        except Exception as err:  # nibabel raises several types for a truncated or foreign file
+            raise DataError(f"{first}: not a readable NIfTI file ({type(err).__name__}: {_first_line(err)}). "
+                            "Fix: re-export the volume or remove its row.") from None
+        ndim = len([d for d in shape if d > 1])
+        if ndim != spatial_dims:
+            raise DataError(f"{first}: a {ndim}D NIfTI in a config with data.spatial_dims {spatial_dims}. "
+                            f"Fix: set data.spatial_dims: {ndim}, or use {spatial_dims}D files.")
+    return family
+
+
+def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image") -> Compose:
+    """One declared pipeline for 2D and 3D: the two differ only in the steps listed.
+
+    load -> channel first -> (orientation, spacing: 3D) -> intensity to [0, 1] -> size -> (augment: train)
+    -> channel adaptation -> normalization of the backbone's pretraining -> tensors
+    """
     keys = ["image"]
-    size = (data_cfg.image_size,) * 2
+    dims = data_cfg.spatial_dims
+    size = (data_cfg.image_size,) * dims
+    reader = {"image": "PILReader", "array": "NumpyReader", "nifti": "NibabelReader"}[family]
     steps = [
-        LoadImaged(keys, reader="PILReader", image_only=True),
+        LoadImaged(keys, reader=reader, image_only=True),
         EnsureChannelFirstd(keys, channel_dim="no_channel" if data_cfg.in_channels == 1 else -1),
-        ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-        Resized(keys, spatial_size=size, mode="bilinear"),
     ]
+    if dims == 3 and data_cfg.orientation:
+        steps.append(Orientationd(keys, axcodes=data_cfg.orientation))
+    if dims == 3 and data_cfg.spacing:
+        steps.append(Spacingd(keys, pixdim=data_cfg.spacing, mode="bilinear"))
+    if data_cfg.intensity_range:
+        lo, hi = data_cfg.intensity_range
+        steps.append(ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    elif family == "image":
+        steps.append(ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        steps.append(ScaleIntensityd(keys, minv=0.0, maxv=1.0))
+    if data_cfg.spatial_mode == "resize":
+        steps.append(Resized(keys, spatial_size=size, mode="bilinear" if dims == 2 else "trilinear"))
+    else:
+        steps.append(ResizeWithPadOrCropd(keys, spatial_size=size))
     if train and data_cfg.augment:
-        steps.append(RandAffined(keys, prob=0.5, rotate_range=0.15, scale_range=0.1, translate_range=2,
-                                 padding_mode="border"))
+        steps.append(RandAffined(keys, prob=0.5, rotate_range=(0.15,) * (1 if dims == 2 else 3),
+                                 scale_range=(0.1,) * dims, translate_range=(2,) * dims, padding_mode="border"))
+        if dims == 3:
+            steps.append(RandFlipd(keys, prob=0.5, spatial_axis=0))
     if model_in_channels != data_cfg.in_channels:
         if data_cfg.in_channels == 1 and data_cfg.channel_adapt == "repeat":
             steps.append(RepeatChanneld(keys, repeats=model_in_channels))
@@ -99,21 +161,23 @@ def build_transforms(data_cfg, model_in_channels: int, normalization: str, train
                 f"(data.channel_adapt={data_cfg.channel_adapt}). Fix: convert the images, or use 1-channel data "
                 "with channel_adapt: repeat."
             )
-    if normalization == "imagenet":
-        mean = IMAGENET_MEAN[:model_in_channels]
-        std = IMAGENET_STD[:model_in_channels]
-        steps.append(NormalizeIntensityd(keys, subtrahend=mean, divisor=std, channel_wise=True))
+    if normalization is not None:
+        mean, std = normalization
+        steps.append(NormalizeIntensityd(keys, subtrahend=mean[:model_in_channels], divisor=std[:model_in_channels],
+                                         channel_wise=True))
     steps.append(EnsureTyped(keys + ["label"], track_meta=False))
     return Compose(steps)
 
 
-def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, normalization: str,
+def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
                    manifest_path: str = "") -> dict[str, CacheDataset]:
     """One CacheDataset per split; the deterministic steps are cached once per job, augmentation runs per epoch."""
+    family = file_format(samples, data_cfg.spatial_dims, manifest_path)
     datasets = {}
     for split in SPLITS:
         items = [{"image": s.path, "label": s.label} for s in samples if s.split == split]
-        transform = build_transforms(data_cfg, model_in_channels, normalization, train=split == "train")
+        transform = build_transforms(data_cfg, model_in_channels, normalization, train=split == "train",
+                                     family=family)
         try:
             datasets[split] = CacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
                                            progress=False, copy_cache=False)

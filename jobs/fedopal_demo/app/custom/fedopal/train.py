@@ -49,6 +49,15 @@ class SiteTrainer:
     def num_train_samples(self) -> int:
         return len(self.datasets["train"])
 
+    def _class_weights(self, num_classes: int) -> torch.Tensor | None:
+        """Inverse class frequency of this site's training split (absent classes get weight 0)."""
+        if self.cfg.class_weights == "none":
+            return None
+        labels = torch.tensor([int(item["label"]) for item in self.datasets["train"].data])
+        counts = torch.bincount(labels, minlength=num_classes).float()
+        weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+        return weights
+
     def _orth_loss(self, rep: RepresentationOrthogonality | None) -> torch.Tensor | None:
         regularizer = self.model.spec.regularizer
         if regularizer == "weight":
@@ -67,6 +76,7 @@ class SiteTrainer:
         max_steps = self.cfg.local_steps or self.cfg.local_epochs * math.ceil(self.num_train_samples / self.batch_size)
         use_rep = model.spec.regularizer == "representation" and self.cfg.orth_lambda > 0
         rep_ctx = RepresentationOrthogonality(model.lora_layers()) if use_rep else nullcontext()
+        class_weights = self._class_weights(model.head.out_features)
         sums = {"task_loss": 0.0, "orth_loss": 0.0}
         steps, start = 0, time.time()
         model.train()
@@ -74,7 +84,7 @@ class SiteTrainer:
             while steps < max_steps:
                 for batch in data:
                     logits = model(batch["image"])
-                    task = F.cross_entropy(logits, batch["label"].long())
+                    task = F.cross_entropy(logits, batch["label"].long(), weight=class_weights)
                     loss = task
                     if self.cfg.orth_lambda > 0:
                         orth = self._orth_loss(rep)

@@ -1,0 +1,160 @@
+"""The site model: frozen backbone + peft LoRA adapters named by the method spec + a task head.
+
+"global" and "personal" are two names in peft's lora_A/lora_B ModuleDicts, both active in one
+forward pass. Which tensors train, and which travel, is read from the MethodSpec; nothing here
+branches on a method's name.
+
+Key names are stable: `backbone.base_model.model.<layer>.lora_A.global.weight`, `head.weight`, ...
+(see methods.GROUP_PATTERNS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from fedopal.backbones import Backbone, build_backbone
+from fedopal.methods import MethodSpec, group_of
+
+
+class FedOpalModel(nn.Module):
+    def __init__(self, backbone: Backbone, spec: MethodSpec, num_classes: int, lora_rank: int, lora_alpha: float,
+                 lora_dropout: float, target_modules: str | None = None):
+        super().__init__()
+        self.spec = spec
+        self.in_channels = backbone.in_channels
+        self.normalization = backbone.normalization
+        module = backbone.module
+        if spec.adapters:
+            targets = target_modules or backbone.lora_targets
+            lora = dict(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+            first, *others = spec.adapters
+            module = get_peft_model(module, LoraConfig(**lora), adapter_name=first)
+            for name in others:
+                module.add_adapter(name, LoraConfig(**lora))
+            # PeftModel.set_adapter(list) raises; the LoraModel underneath takes a list.
+            module.base_model.set_adapter(list(spec.adapters))
+        self.backbone = module
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.apply_trainable()
+
+    # -- which tensors train -------------------------------------------------------------------
+    def apply_trainable(self) -> None:
+        for key, param in self.named_parameters():
+            param.requires_grad_(self.spec.is_trainable(key))
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return "backbone" not in self.spec.trainable
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            # A frozen backbone stays in eval mode: no BatchNorm statistics drift, no drop-connect.
+            self.backbone.eval()
+            for name, module in self.backbone.named_modules():
+                if name.endswith("lora_dropout"):
+                    module.train(True)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    # -- adapters ------------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every adapted layer (a peft LoRA layer holding lora_A/lora_B dicts)."""
+        for name, module in self.backbone.named_modules():
+            if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict) and len(module.lora_A):
+                yield name, module
+
+    @contextmanager
+    def only_adapters(self, names: list[str]):
+        """Run with a subset of adapters active (e.g. global-only evaluation), then restore."""
+        if not self.spec.adapters:
+            yield
+            return
+        self.backbone.base_model.set_adapter(list(names))
+        try:
+            yield
+        finally:
+            self.backbone.base_model.set_adapter(list(self.spec.adapters))
+            self.apply_trainable()  # set_adapter flips requires_grad; the spec decides
+
+    # -- state split ---------------------------------------------------------------------------
+    def trainable_keys(self) -> list[str]:
+        return [k for k in self.state_dict() if self.spec.is_trainable(k)]
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """What leaves the site: exactly the spec's shared groups."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if self.spec.is_shared(k)}
+
+    def site_state(self) -> dict[str, torch.Tensor]:
+        """What a site keeps: trained tensors that are not shared (personal adapter, personal head, ...)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()
+                if self.spec.is_trainable(k) and not self.spec.is_shared(k)}
+
+    def state_by_group(self) -> dict[str, dict[str, torch.Tensor]]:
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in self.state_dict().items():
+            groups.setdefault(group_of(k), {})[k] = v
+        return groups
+
+    def load_shared(self, state: dict) -> None:
+        """Load tensors received from the server; refuse anything that is not a shared key of this model."""
+        own = self.state_dict()
+        bad = [k for k in state if k not in own or not self.spec.is_shared(k)]
+        if bad:
+            raise KeyError(f"received tensors that are not shared keys of this model: {bad[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(torch.as_tensor(v, dtype=own[k].dtype).reshape(own[k].shape))
+
+    def load_site_state(self, state: dict) -> None:
+        own = self.state_dict()
+        bad = [k for k in state if k not in own or tuple(own[k].shape) != tuple(state[k].shape)]
+        if bad:
+            raise KeyError(f"site checkpoint does not fit this model (first keys: {bad[:5]})")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    def reseed_personal(self, site_name: str, seed: int) -> None:
+        """Personal adapters start from a seed derived from the site name (A random, B zero, as peft does)."""
+        digest = int(hashlib.sha256(f"{seed}:{site_name}".encode()).hexdigest()[:8], 16)
+        gen = torch.Generator().manual_seed(digest)
+        with torch.no_grad():
+            for _, layer in self.lora_layers():
+                if "personal" in layer.lora_A:
+                    nn.init.kaiming_uniform_(layer.lora_A["personal"].weight, a=math.sqrt(5), generator=gen)
+                    nn.init.zeros_(layer.lora_B["personal"].weight)
+
+
+def count_params(state: dict) -> int:
+    return int(sum(v.numel() for v in state.values()))
+
+
+def nbytes(state: dict) -> int:
+    """Bytes on the wire: sum of numel x itemsize (numpy arrays or torch tensors)."""
+    total = 0
+    for v in state.values():
+        total += int(v.nbytes) if hasattr(v, "nbytes") else int(v.numel() * v.element_size())
+    return total
+
+
+def build_model(cfg, spec: MethodSpec, site_name: str | None = None) -> FedOpalModel:
+    """Same config + seed -> the same global adapter and head init on the server and every site."""
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_backbone(cfg)
+    model = FedOpalModel(
+        backbone, spec, cfg.data.num_classes, cfg.model.lora_rank, cfg.model.lora_alpha,
+        cfg.model.lora_dropout, cfg.model.target_modules,
+    )
+    if site_name is not None:
+        model.reseed_personal(site_name, cfg.train.seed)
+    return model

@@ -1,0 +1,105 @@
+"""The site script FLARE runs (Client API, in-process): one hospital's side of every round.
+
+Everything that crosses the network is in the numbered steps; the rest is plain PyTorch.
+The model and the data are built once per job; the personal state stays in this site's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+# (1) import nvflare client API
+import nvflare.client as flare
+from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
+from nvflare.client.tracking import SummaryWriter
+
+from fedopal.adapters import build_model, count_params, nbytes
+from fedopal.config import load_config
+from fedopal.data import build_datasets, read_manifest
+from fedopal.methods import get_method
+from fedopal.site_state import SiteStore
+from fedopal.train import SiteTrainer
+
+KEY_METRIC = "personalized/val/balanced_accuracy"
+
+
+def resolve(path: str) -> str:
+    """Relative data/state paths resolve against $FEDOPAL_HOME (set by the launcher), else the cwd."""
+    return path if os.path.isabs(path) else os.path.join(os.environ.get("FEDOPAL_HOME", os.getcwd()), path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="fedopal_job.json", help="relative to the app's custom/ folder")
+    parser.add_argument("--test-leak-personal", action="store_true",
+                        help="TEST ONLY: also send the personal tensors, to prove a site's privacy filter stops them")
+    args = parser.parse_args(argv)
+    custom_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config_path = args.config if os.path.isabs(args.config) else os.path.join(custom_dir, args.config)
+    cfg = load_config(config_path)
+    torch.set_num_threads(cfg.train.threads)
+
+    # (2) initialize the NVFlare client API; the site name comes from FLARE
+    flare.init()
+    site = flare.get_site_name()
+    spec = get_method(cfg.train.method, cfg.model.head)
+
+    # Validate and cache this site's data, and build the model, once per job (not per round).
+    manifest = os.path.join(resolve(cfg.data.root), site, cfg.data.manifest)
+    samples = read_manifest(manifest, cfg.data.num_classes)
+    model = build_model(cfg, spec, site_name=site)
+    datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest)
+    trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
+    store = SiteStore(os.path.join(resolve(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state")),
+                                   site))
+    writer = SummaryWriter()
+    trainable = count_params({k: v for k, v in model.state_dict().items() if k in set(model.trainable_keys())})
+    print(f"[{site}] {spec.name}: {trainer.num_train_samples} training images, {trainable} trainable params, "
+          f"personal state in {store.folder}")
+
+    while flare.is_running():
+        # (3) receive the global (shared) tensors from the server
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        round_num = input_model.current_round or 0
+        model.load_shared(input_model.params or {})
+
+        if flare.is_submit_model():
+            flare.send(FLModel(params=model.shared_state()))
+            continue
+        if flare.is_evaluate():
+            flare.send(FLModel(metrics=trainer.evaluate()))
+            continue
+
+        # (4) local training on this site's data: L_task + lambda * L_orth, as the method spec says
+        start = time.time()
+        train_stats = trainer.train_round()
+        # (5) evaluate the personalized and the global-only model on this site's val/test split
+        metrics = trainer.evaluate()
+        shared = model.shared_state()
+        outgoing = {**shared, **model.site_state()} if args.test_leak_personal else shared
+        store.save_personal(model.site_state(), round_num, spec.name, metrics)
+        record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
+                  "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
+                  "wall_s": round(time.time() - start, 3), **train_stats, **metrics}
+        store.append_metrics(record)
+        for tag in ("task_loss", "orth_loss"):
+            writer.add_scalar(f"train/{tag}", train_stats[tag], global_step=round_num)
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, global_step=round_num)
+        print(f"[{site}] round {round_num}: task loss {train_stats['task_loss']:.4f}, "
+              f"test bal. acc. {metrics['personalized/test/balanced_accuracy']:.3f}")
+
+        # (6) send only the shared tensors, weighted by the number of training samples
+        flare.send(FLModel(params=outgoing, metrics=metrics,
+                           meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: trainer.num_train_samples}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

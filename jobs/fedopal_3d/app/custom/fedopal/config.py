@@ -1,0 +1,185 @@
+"""The one config object. Every user-facing knob lives here; YAML files are validated against it.
+
+A bad file never gets a pydantic traceback: `load_config` raises `ConfigError`, whose message is one
+line naming the file, the key, what is allowed, and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedopal.methods import METHODS
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (file, key, allowed values, fix)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: str = Field("data/demo_federation", description="folder holding one sub-folder per site")
+    manifest: str = Field("manifest.csv", description="manifest file name inside each site folder")
+    spatial_dims: Literal[2, 3] = Field(2, description="2: PNG/JPEG/NPY images; 3: NIfTI (or NPY) volumes")
+    image_size: int = Field(64, ge=8, le=1024, description="images/volumes are brought to this size per axis")
+    spatial_mode: Literal["resize", "crop"] = Field(
+        "resize", description="reach image_size by resizing, or by center crop / zero pad")
+    orientation: Optional[str] = Field(None, pattern=r"^[LRAPSI]{3}$",
+                                       description="3D: reorient to these axis codes, e.g. RAS")
+    spacing: Optional[tuple[float, float, float]] = Field(None, description="3D: resample to this voxel size (mm)")
+    intensity_range: Optional[tuple[float, float]] = Field(
+        None, description="map [lo, hi] to [0, 1] and clip; default 0..255 for 8-bit images, per-volume min-max "
+                          "for NIfTI")
+    in_channels: int = Field(1, ge=1, le=4, description="channels of the stored images")
+    channel_adapt: Literal["repeat", "error"] = Field(
+        "repeat", description="1-channel data into a 3-channel backbone: repeat the channel, or stop")
+    num_classes: int = Field(2, ge=2, le=1000)
+    augment: bool = Field(True, description="light augmentation of the training split")
+    cache_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of each split MONAI caches")
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+class VitConfig(_Section):
+    """MONAI ViT size. The defaults are a tiny ViT for tests; ViT-S is hidden 384, layers 12, heads 6."""
+
+    patch_size: int = Field(8, ge=1)
+    hidden_size: int = Field(192, ge=8)
+    mlp_dim: int = Field(384, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(3, ge=1)
+
+
+class ModelConfig(_Section):
+    backbone: Literal["efficientnet_lite0", "monai_vit", "hf"] = "efficientnet_lite0"
+    pretrained: bool = Field(True, description="load the backbone's offline pretrained weights")
+    hf_model: Optional[str] = Field(None, description="backbone hf: a local folder or a hub id for from_pretrained")
+    checkpoint: Optional[str] = Field(None, description="local torch state_dict loaded into the backbone")
+    vit: VitConfig = VitConfig()
+    lora_rank: int = Field(8, ge=1, le=256)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Optional[str] = Field(None, description="regex over module names; default: per backbone")
+    head: Literal["shared", "personal"] = Field("shared", description="where the task head lives (dual methods)")
+
+
+class TrainConfig(_Section):
+    method: str = "fedopal_w"
+    num_rounds: int = Field(5, ge=1, le=100000)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    local_steps: Optional[int] = Field(None, ge=1, description="if set, overrides local_epochs")
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0)
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight the task loss by inverse class frequency of the site's train split")
+    orth_lambda: float = Field(0.1, ge=0)
+    orth_on: Literal["A", "B", "AB"] = "A"
+    orth_normalize: bool = False
+    seed: int = 0
+    threads: int = Field(1, ge=1, le=256, description="torch threads per site process")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; allowed: {', '.join(METHODS)}")
+        return value
+
+
+class FederationConfig(_Section):
+    num_sites: int = Field(4, ge=1, le=1000)
+    min_clients: Optional[int] = Field(None, ge=1, description="default: num_sites")
+    site_names: Optional[list[str]] = Field(None, description="default: site-1 .. site-N")
+
+    def sites(self) -> list[str]:
+        return list(self.site_names) if self.site_names else [f"site-{i + 1}" for i in range(self.num_sites)]
+
+
+class FedOpalConfig(_Section):
+    """The whole experiment. Cross-field rules that need two sections live in `check`."""
+
+    name: str = Field("fedopal_demo", pattern=r"^[A-Za-z0-9_\-]+$")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    federation: FederationConfig = FederationConfig()
+    site_state_dir: Optional[str] = Field(
+        None, description="where each site keeps its personal state; default: <site workspace>/fedopal_site_state"
+    )
+
+    @model_validator(mode="after")
+    def check(self) -> "FedOpalConfig":
+        if self.model.backbone == "hf" and not self.model.hf_model:
+            raise ValueError("model.hf_model is required with backbone 'hf' (a local folder or a hub id)")
+        if self.data.spatial_dims == 3 and self.model.backbone != "monai_vit":
+            raise ValueError(f"data.spatial_dims is 3 but model.backbone '{self.model.backbone}' is 2D-pretrained; "
+                             "use backbone monai_vit (spatial_dims 3) for volumes")
+        return self
+
+
+def _describe(model_cls: type[BaseModel], loc: tuple) -> tuple[str, str]:
+    """Return (dotted key, allowed keys at that level) for a pydantic error location."""
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(cls, type) else None
+        ann = getattr(field, "annotation", None)
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cls is None:
+            break
+    allowed = ", ".join(cls.model_fields) if cls is not None else ""
+    return ".".join(str(p) for p in loc), allowed
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, the first problem first: file, key, what went wrong, what is allowed."""
+    lines = []
+    for e in err.errors():
+        key, allowed = _describe(FedOpalConfig, tuple(e["loc"]))
+        if not key:  # a rule across fields (FedOpalConfig.check): the message names them
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}. Fix: change those keys in {source}.")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'. Allowed keys here: {allowed}. Fix: remove or rename it.")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: invalid value for '{key}'{got_txt}: {msg}. Fix: change '{key}' in {source}.")
+    return lines[0] if len(lines) == 1 else lines[0] + f" (+{len(lines) - 1} more: " + " | ".join(lines[1:]) + ")"
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> FedOpalConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (name, data, model, train, ...).")
+    try:
+        return FedOpalConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str, overrides: Optional[dict] = None) -> FedOpalConfig:
+    """Read a YAML file into the config object; `overrides` maps dotted keys to values (CLI --set)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found. Fix: pass an existing YAML, e.g. app_configs/demo.yaml.")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}). Fix the syntax.") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config_from_dict(raw, source=path)
+
+
+def dump_config(cfg: FedOpalConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,206 @@
+"""Site data: a manifest CSV (path,label,split) -> MONAI dictionary transforms -> CacheDataset per split.
+
+The manifest is validated before any training starts (a bad row costs seconds here, hours in round 7).
+Paths in a manifest are relative to the manifest's folder, or absolute.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+
+import torch
+from monai.data import CacheDataset
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandFlipd,
+    RepeatChanneld,
+    Resized,
+    ResizeWithPadOrCropd,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("path", "label", "split")
+# file suffix -> (MONAI reader, format family); one family per site
+READERS = {".png": ("PILReader", "image"), ".jpg": ("PILReader", "image"), ".jpeg": ("PILReader", "image"),
+           ".npy": ("NumpyReader", "array"), ".nii": ("NibabelReader", "nifti"), ".nii.gz": ("NibabelReader", "nifti")}
+
+
+class DataError(ValueError):
+    """Bad site data; the message names the file, the row or field, and the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    split: str
+
+
+def read_manifest(manifest_path: str, num_classes: int) -> list[Sample]:
+    if not os.path.isfile(manifest_path):
+        raise DataError(f"{manifest_path}: manifest not found. Fix: create it (columns path,label,split) "
+                        "or point data.root at the folder holding one sub-folder per site.")
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    with open(manifest_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{manifest_path}: missing column(s) {missing}; found {reader.fieldnames}. "
+                            "Fix: the header must be path,label,split.")
+        samples = []
+        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
+            where = f"{manifest_path}:{row_no}"
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: label {row['label']!r} is not an integer. "
+                                f"Fix: use class indices 0..{num_classes - 1}.") from None
+            if not 0 <= label < num_classes:
+                raise DataError(f"{where}: label {label} is out of range 0..{num_classes - 1}. "
+                                "Fix: correct the label or set data.num_classes.")
+            split = (row["split"] or "").strip()
+            if split not in SPLITS:
+                raise DataError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}. Fix: correct the row.")
+            path = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+            if not os.path.isfile(path):
+                raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
+            samples.append(Sample(path, label, split))
+    for split in SPLITS:
+        if not any(s.split == split for s in samples):
+            raise DataError(f"{manifest_path}: the '{split}' split is empty. Fix: assign rows to every split "
+                            "(train, val, test).")
+    return samples
+
+
+def suffix_of(path: str) -> str:
+    lower = path.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
+
+
+def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "") -> str:
+    """The site's one format family; 2D files in a 3D config (and the reverse) stop here, before training."""
+    suffixes = {suffix_of(s.path) for s in samples}
+    unknown = sorted(suffixes - set(READERS))
+    if unknown:
+        raise DataError(f"{manifest_path}: unsupported file type(s) {unknown}. "
+                        f"Fix: use one of {', '.join(READERS)}.")
+    families = {READERS[x][1] for x in suffixes}
+    if len(families) > 1:
+        raise DataError(f"{manifest_path}: mixed file types {sorted(suffixes)}. Fix: one format per site.")
+    family = families.pop()
+    if spatial_dims == 3 and family == "image":
+        raise DataError(f"{manifest_path}: data.spatial_dims is 3 but the site holds 2D images ({sorted(suffixes)}). "
+                        "Fix: point the manifest at NIfTI volumes, or set data.spatial_dims: 2.")
+    if family == "nifti":
+        import nibabel as nib
+
+        first = samples[0].path
+        try:
+            shape = nib.load(first).shape
+        except Exception as err:  # nibabel raises several types for a truncated or foreign file
+            raise DataError(f"{first}: not a readable NIfTI file ({type(err).__name__}: {_first_line(err)}). "
+                            "Fix: re-export the volume or remove its row.") from None
+        ndim = len([d for d in shape if d > 1])
+        if ndim != spatial_dims:
+            raise DataError(f"{first}: a {ndim}D NIfTI in a config with data.spatial_dims {spatial_dims}. "
+                            f"Fix: set data.spatial_dims: {ndim}, or use {spatial_dims}D files.")
+    return family
+
+
+def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image") -> Compose:
+    """One declared pipeline for 2D and 3D: the two differ only in the steps listed.
+
+    load -> channel first -> (orientation, spacing: 3D) -> intensity to [0, 1] -> size -> (augment: train)
+    -> channel adaptation -> normalization of the backbone's pretraining -> tensors
+    """
+    keys = ["image"]
+    dims = data_cfg.spatial_dims
+    size = (data_cfg.image_size,) * dims
+    reader = {"image": "PILReader", "array": "NumpyReader", "nifti": "NibabelReader"}[family]
+    steps = [
+        LoadImaged(keys, reader=reader, image_only=True),
+        EnsureChannelFirstd(keys, channel_dim="no_channel" if data_cfg.in_channels == 1 else -1),
+    ]
+    if dims == 3 and data_cfg.orientation:
+        steps.append(Orientationd(keys, axcodes=data_cfg.orientation))
+    if dims == 3 and data_cfg.spacing:
+        steps.append(Spacingd(keys, pixdim=data_cfg.spacing, mode="bilinear"))
+    if data_cfg.intensity_range:
+        lo, hi = data_cfg.intensity_range
+        steps.append(ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    elif family == "image":
+        steps.append(ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+    else:
+        steps.append(ScaleIntensityd(keys, minv=0.0, maxv=1.0))
+    if data_cfg.spatial_mode == "resize":
+        steps.append(Resized(keys, spatial_size=size, mode="bilinear" if dims == 2 else "trilinear"))
+    else:
+        steps.append(ResizeWithPadOrCropd(keys, spatial_size=size))
+    if train and data_cfg.augment:
+        steps.append(RandAffined(keys, prob=0.5, rotate_range=(0.15,) * (1 if dims == 2 else 3),
+                                 scale_range=(0.1,) * dims, translate_range=(2,) * dims, padding_mode="border"))
+        if dims == 3:
+            steps.append(RandFlipd(keys, prob=0.5, spatial_axis=0))
+    if model_in_channels != data_cfg.in_channels:
+        if data_cfg.in_channels == 1 and data_cfg.channel_adapt == "repeat":
+            steps.append(RepeatChanneld(keys, repeats=model_in_channels))
+        else:
+            raise DataError(
+                f"data.in_channels={data_cfg.in_channels} but the backbone expects {model_in_channels} channels "
+                f"(data.channel_adapt={data_cfg.channel_adapt}). Fix: convert the images, or use 1-channel data "
+                "with channel_adapt: repeat."
+            )
+    if normalization is not None:
+        mean, std = normalization
+        steps.append(NormalizeIntensityd(keys, subtrahend=mean[:model_in_channels], divisor=std[:model_in_channels],
+                                         channel_wise=True))
+    steps.append(EnsureTyped(keys + ["label"], track_meta=False))
+    return Compose(steps)
+
+
+def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
+                   manifest_path: str = "") -> dict[str, CacheDataset]:
+    """One CacheDataset per split; the deterministic steps are cached once per job, augmentation runs per epoch."""
+    family = file_format(samples, data_cfg.spatial_dims, manifest_path)
+    datasets = {}
+    for split in SPLITS:
+        items = [{"image": s.path, "label": s.label} for s in samples if s.split == split]
+        transform = build_transforms(data_cfg, model_in_channels, normalization, train=split == "train",
+                                     family=family)
+        try:
+            datasets[split] = CacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
+                                           progress=False, copy_cache=False)
+        except Exception as err:  # MONAI wraps reader errors; name the file for the user
+            raise DataError(f"{manifest_path}: could not read an image of the '{split}' split: "
+                            f"{_first_line(err)}. Fix: replace or remove the corrupt file.") from None
+    return datasets
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+def loader(dataset, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       num_workers=0, drop_last=False)
+
+
+def label_counts(samples: list[Sample], split: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for s in samples:
+        if s.split == split:
+            counts[s.label] = counts.get(s.label, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,102 @@
+"""Methods as data: which adapters exist, which tensors train, which are shared, which regularizer applies.
+
+Every trainable tensor of a model belongs to exactly one *group*, found from its key alone:
+
+    global.A, global.B      the LoRA adapter named "global"
+    personal.A, personal.B  the LoRA adapter named "personal"
+    head                    the task head
+    backbone                the foundation model's own weights (frozen unless a method trains them)
+
+A method lists groups. The one trainer, the client, the result filter and the aggregator all read the
+same spec, so adding a baseline is one entry in METHODS.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Literal
+
+GROUPS = ("global.A", "global.B", "personal.A", "personal.B", "head", "backbone")
+
+# Regexes over full model keys (see adapters.FedOpalModel). Stable: they depend only on peft's
+# "lora_A.<adapter>" naming and on our own "head."/"backbone." prefixes.
+GROUP_PATTERNS = {
+    "global.A": r"^backbone\..*\.lora_A\.global\.",
+    "global.B": r"^backbone\..*\.lora_B\.global\.",
+    "personal.A": r"^backbone\..*\.lora_A\.personal\.",
+    "personal.B": r"^backbone\..*\.lora_B\.personal\.",
+    "head": r"^head\.",
+    "backbone": r"^backbone\.(?!.*\.lora_)",
+}
+_COMPILED = {g: re.compile(p) for g, p in GROUP_PATTERNS.items()}
+
+Regularizer = Literal["none", "weight", "representation"]
+HeadMode = Literal["shared", "personal", "config"]
+
+
+def group_of(key: str) -> str:
+    """The group a model key belongs to; keys of peft's other bookkeeping fall in 'backbone'."""
+    for group, pattern in _COMPILED.items():
+        if pattern.search(key):
+            return group
+    raise KeyError(f"model key {key!r} belongs to no tensor group")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    adapters: tuple[str, ...]  # peft adapter names, all active in the forward pass
+    trainable: tuple[str, ...]  # groups that receive gradients
+    shared: tuple[str, ...]  # groups sent to the server and averaged (head handled by `head`)
+    regularizer: Regularizer = "none"
+    head: HeadMode = "shared"  # "config": the config's model.head decides
+    description: str = ""
+
+    def resolve(self, head_mode: str) -> "MethodSpec":
+        """Fix the head's place: returns a spec whose `shared` lists 'head' iff the head is shared."""
+        mode = head_mode if self.head == "config" else self.head
+        shared = tuple(g for g in self.shared if g != "head") + (("head",) if mode == "shared" else ())
+        return replace(self, shared=shared, head=mode)
+
+    @property
+    def kept_on_site(self) -> tuple[str, ...]:
+        """Trained groups that never leave the site."""
+        return tuple(g for g in self.trainable if g not in self.shared)
+
+    def shared_pattern(self) -> str:
+        """One regex matching exactly the shared keys (stored as a string by the result filter)."""
+        if not self.shared:
+            return r"(?!)"  # matches nothing
+        return "|".join(f"(?:{GROUP_PATTERNS[g]})" for g in self.shared)
+
+    def is_shared(self, key: str) -> bool:
+        return group_of(key) in self.shared
+
+    def is_trainable(self, key: str) -> bool:
+        return group_of(key) in self.trainable
+
+
+_BOTH = ("global.A", "global.B", "personal.A", "personal.B", "head")
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("local", ("personal",), ("personal.A", "personal.B", "head"), (), head="personal",
+                   description="each site alone: personal adapter + head, nothing sent"),
+        MethodSpec("fedavg_lora", ("global",), ("global.A", "global.B", "head"), ("global.A", "global.B", "head"),
+                   description="one LoRA adapter + head, all averaged"),
+        MethodSpec("dual_lora", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), head="config",
+                   description="global + personal adapters, no orthogonality (FedDPA-style, lambda = 0)"),
+        MethodSpec("fedopal_w", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), "weight",
+                   head="config", description="FedOPAL: dual adapters + weight orthogonality"),
+        MethodSpec("fedopal_r", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), "representation",
+                   head="config", description="FedOPAL: dual adapters + representation orthogonality"),
+    )
+}
+
+
+def get_method(name: str, head_mode: str = "shared") -> MethodSpec:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[name].resolve(head_mode)
