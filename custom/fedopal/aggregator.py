@@ -19,6 +19,7 @@ from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
 from fedopal.adapters import nbytes
+from fedopal.methods import NOTHING_SHARED_KEY
 
 UPDATES_LOG = "fedopal_updates.jsonl"
 
@@ -68,7 +69,9 @@ class SharedKeyAggregator(ModelAggregator):
         if self._expected is None:
             from fedopal.server_model import shared_state_from_config  # builds the model once
 
-            self._expected = expected_spec(shared_state_from_config(self.config))
+            shared = shared_state_from_config(self.config)
+            shared.pop(NOTHING_SHARED_KEY, None)  # a placeholder no site sends
+            self._expected = expected_spec(shared)
         return self._expected
 
     def reset_stats(self):

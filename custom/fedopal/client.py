@@ -21,7 +21,7 @@ from nvflare.client.tracking import SummaryWriter
 from fedopal.adapters import build_model, count_params, nbytes
 from fedopal.config import load_config
 from fedopal.data import build_datasets, read_manifest
-from fedopal.methods import get_method
+from fedopal.methods import NOTHING_SHARED_KEY, get_method
 from fedopal.site_state import SiteStore
 from fedopal.train import SiteTrainer
 
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         if input_model is None:
             break
         round_num = input_model.current_round or 0
-        model.load_shared(input_model.params or {})
+        model.load_shared({k: v for k, v in (input_model.params or {}).items() if k != NOTHING_SHARED_KEY})
 
         if flare.is_submit_model():
             flare.send(FLModel(params=model.shared_state()))

@@ -24,7 +24,7 @@ import threading
 import time
 
 import fedopal
-from fedopal.config import ConfigError, FedOpalConfig, load_config
+from fedopal.config import ConfigError, FedOpalConfig, job_dict, load_config
 from fedopal.methods import get_method
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedopal.__file__))
@@ -41,7 +41,7 @@ def _stage_config(cfg: FedOpalConfig, staging: str) -> str:
     """The resolved config, shipped in each site's custom/ folder next to the site script."""
     config_file = os.path.join(staging, JOB_CONFIG_NAME)
     with open(config_file, "w") as f:
-        json.dump(cfg.model_dump(mode="json"), f, indent=2)
+        json.dump(job_dict(cfg), f, indent=2)
         f.write("\n")
     return config_file
 
@@ -59,7 +59,7 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
     from fedopal.filters import SharedOnlyFilter
 
     spec = get_method(cfg.train.method, cfg.model.head)
-    config = cfg.model_dump(mode="json")
+    config = job_dict(cfg)
     config_file = _stage_config(cfg, staging)
     recipe = FedAvgRecipe(
         name=cfg.name,

@@ -31,8 +31,15 @@ GROUP_PATTERNS = {
 }
 _COMPILED = {g: re.compile(p) for g, p in GROUP_PATTERNS.items()}
 
+# FLARE's workflow needs a non-empty global model. A method that shares nothing (`local`) gets this one
+# placeholder tensor on the server; sites ignore it and never send it back.
+NOTHING_SHARED_KEY = "fedopal_nothing_shared"
+
 Regularizer = Literal["none", "weight", "representation"]
 HeadMode = Literal["shared", "personal", "config"]
+# How the personal adapter is weighted at inference: always 1, or per instance by how much the input
+# resembles this site's training data (FedDPA's instance-wise dynamic weighting).
+InferenceWeighting = Literal["none", "instance_similarity"]
 
 
 def group_of(key: str) -> str:
@@ -51,6 +58,7 @@ class MethodSpec:
     shared: tuple[str, ...]  # groups sent to the server and averaged (head handled by `head`)
     regularizer: Regularizer = "none"
     head: HeadMode = "shared"  # "config": the config's model.head decides
+    inference_weighting: InferenceWeighting = "none"
     description: str = ""
 
     def resolve(self, head_mode: str) -> "MethodSpec":
@@ -92,6 +100,15 @@ METHODS: dict[str, MethodSpec] = {
                    head="config", description="FedOPAL: dual adapters + weight orthogonality"),
         MethodSpec("fedopal_r", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), "representation",
                    head="config", description="FedOPAL: dual adapters + representation orthogonality"),
+        MethodSpec("ffa_lora", ("global",), ("global.B", "head"), ("global.B", "head"),
+                   description="FFA-LoRA (Sun et al., ICLR 2024): A frozen at the common init, B + head averaged"),
+        MethodSpec("fedsa_lora", ("global",), ("global.A", "global.B", "head"), ("global.A",), head="personal",
+                   description="FedSA-LoRA (Guo et al., ICLR 2025): A averaged, B and head stay on site"),
+        MethodSpec("feddpa", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), head="config",
+                   inference_weighting="instance_similarity",
+                   description="FedDPA (Yang et al., NeurIPS 2024): dual adapters, instance-wise personal weight"),
+        MethodSpec("full_ft", (), ("backbone", "head"), ("backbone", "head"),
+                   description="full fine-tuning with FedAvg: backbone unfrozen, everything averaged"),
     )
 }
 

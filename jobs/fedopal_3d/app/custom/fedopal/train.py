@@ -37,6 +37,24 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     }
 
 
+class InstanceWeighting:
+    """FedDPA's instance-wise dynamic weighting, as we read it (README, "Methods"): the personal adapter's
+    weight for a test instance is the mean cosine similarity between its frozen-backbone features and those
+    of its k nearest training instances of this site, clipped to [0, 1]; the global adapter keeps weight 1.
+    In-distribution inputs get the personalized model, unfamiliar ones fall back toward the global one."""
+
+    def __init__(self, model: FedOpalModel, train_set, batch_size: int, k: int = 5):
+        feats = [model.base_features(b["image"]) for b in loader(train_set, batch_size * 2, shuffle=False)]
+        self.bank = F.normalize(torch.cat(feats), dim=1)  # the backbone is frozen: computed once per job
+        self.k = min(k, len(self.bank))
+        self.model = model
+
+    @torch.no_grad()
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        sims = F.normalize(self.model.base_features(x), dim=1) @ self.bank.T
+        return sims.topk(self.k, dim=1).values.mean(dim=1).clamp(0.0, 1.0)
+
+
 class SiteTrainer:
     def __init__(self, model: FedOpalModel, datasets: dict, train_cfg, batch_size: int):
         self.model = model
@@ -44,6 +62,7 @@ class SiteTrainer:
         self.cfg = train_cfg
         self.batch_size = batch_size
         self.rounds_done = 0
+        self._weighting: InstanceWeighting | None = None
 
     @property
     def num_train_samples(self) -> int:
@@ -103,12 +122,20 @@ class SiteTrainer:
         self.rounds_done += 1
         return {k: v / max(steps, 1) for k, v in sums.items()} | {"steps": steps, "train_s": time.time() - start}
 
+    def _forward(self, x: torch.Tensor, personalized: bool) -> torch.Tensor:
+        if personalized and self.model.spec.inference_weighting == "instance_similarity":
+            if self._weighting is None:
+                self._weighting = InstanceWeighting(self.model, self.datasets["train"], self.batch_size)
+            with self.model.personal_scaled(self._weighting.weights(x)):
+                return self.model(x)
+        return self.model(x)
+
     @torch.no_grad()
-    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, split: str, personalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
         self.model.eval()
         labels, probs = [], []
         for batch in loader(self.datasets[split], self.batch_size * 2, shuffle=False):
-            probs.append(torch.softmax(self.model(batch["image"]), dim=1).numpy())
+            probs.append(torch.softmax(self._forward(batch["image"], personalized), dim=1).numpy())
             labels.append(batch["label"].numpy().reshape(-1))
         return np.concatenate(labels).astype(int), np.concatenate(probs)
 
@@ -125,7 +152,7 @@ class SiteTrainer:
             ctx = self.model.only_adapters(adapters) if adapters else nullcontext()
             with ctx:
                 for split in splits:
-                    labels, probs = self.predict(split)
+                    labels, probs = self.predict(split, personalized=adapters is None)
                     for name, value in classification_metrics(labels, probs).items():
                         out[f"{view}/{split}/{name}"] = value
         return out

@@ -86,6 +86,28 @@ class FedOpalModel(nn.Module):
             self.backbone.base_model.set_adapter(list(self.spec.adapters))
             self.apply_trainable()  # set_adapter flips requires_grad; the spec decides
 
+    @contextmanager
+    def personal_scaled(self, weight: torch.Tensor):
+        """Scale the personal adapter's output per instance (weight: (N,), batch first) during the context."""
+        def hook(module, inputs, output):
+            return output * weight.view(-1, *([1] * (output.dim() - 1)))
+
+        handles = [layer.lora_B["personal"].register_forward_hook(hook)
+                   for _, layer in self.lora_layers() if "personal" in layer.lora_B]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def base_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of the frozen foundation model alone (every adapter off)."""
+        if not self.spec.adapters:
+            return self.backbone(x)
+        with self.backbone.disable_adapter():
+            return self.backbone(x)
+
     # -- state split ---------------------------------------------------------------------------
     def trainable_keys(self) -> list[str]:
         return [k for k in self.state_dict() if self.spec.is_trainable(k)]

@@ -100,6 +100,36 @@ class FederationConfig(_Section):
         return list(self.site_names) if self.site_names else [f"site-{i + 1}" for i in range(self.num_sites)]
 
 
+class StudiesConfig(_Section):
+    """Sensitivity studies, run on the bench federation with the tuned learning rates and every seed."""
+
+    lambda_methods: list[str] = Field(["fedopal_w", "fedopal_r"], description="methods whose lambda is varied")
+    orth_lambda: list[float] = Field([0.0, 0.01, 0.1, 1.0])
+    methods: list[str] = Field(["fedopal_w"], description="methods whose head mode and rank are varied")
+    head: list[Literal["shared", "personal"]] = Field(["shared", "personal"])
+    lora_rank: list[int] = Field([4, 8, 16])
+
+
+class BenchConfig(_Section):
+    """`python -m fedopal.bench`: every method on the same federation, seeds and tuning budget."""
+
+    methods: list[str] = Field(["local", "fedavg_lora", "ffa_lora", "fedsa_lora", "dual_lora", "feddpa",
+                                "full_ft", "fedopal_w", "fedopal_r"])
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    lr_grid: list[float] = Field([3e-4, 2e-3], min_length=1,
+                                 description="the same grid for every method, selected on validation (first seed)")
+    studies: Optional[StudiesConfig] = StudiesConfig()
+    out_dir: str = "results/bench"
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
+        return value
+
+
 class FedOpalConfig(_Section):
     """The whole experiment. Cross-field rules that need two sections live in `check`."""
 
@@ -111,6 +141,7 @@ class FedOpalConfig(_Section):
     site_state_dir: Optional[str] = Field(
         None, description="where each site keeps its personal state; default: <site workspace>/fedopal_site_state"
     )
+    bench: BenchConfig = BenchConfig()
 
     @model_validator(mode="after")
     def check(self) -> "FedOpalConfig":
@@ -181,5 +212,7 @@ def load_config(path: str, overrides: Optional[dict] = None) -> FedOpalConfig:
     return config_from_dict(raw, source=path)
 
 
-def dump_config(cfg: FedOpalConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def job_dict(cfg: FedOpalConfig) -> dict:
+    """What a job needs: everything but the benchmark's own settings."""
+    return cfg.model_dump(mode="json", exclude={"bench"})
+

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from fedopal.adapters import build_model
 from fedopal.config import config_from_dict
-from fedopal.methods import get_method
+from fedopal.methods import NOTHING_SHARED_KEY, get_method
 
 
 def shared_state_from_config(config: dict) -> "OrderedDict":
     cfg = config_from_dict(config, source="job config")
     spec = get_method(cfg.train.method, cfg.model.head)
-    return OrderedDict(build_model(cfg, spec).shared_state())
+    shared = build_model(cfg, spec).shared_state()
+    return OrderedDict(shared or {NOTHING_SHARED_KEY: torch.zeros(1)})
 
 
 class GlobalStateModel(nn.Module):

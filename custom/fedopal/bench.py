@@ -1,0 +1,424 @@
+"""The benchmark: every method, the same federation, seeds and tuning budget, through the FLARE simulator.
+
+    python -m fedopal.bench --config app_configs/bench.yaml [--quick]
+
+1. Tuning: every method gets the same learning-rate grid (bench.lr_grid) on the first seed; the lr with the
+   best mean over sites of the best *validation* balanced accuracy wins (test is never looked at).
+2. Main table: every method at its chosen lr, on every seed.
+3. Studies: lambda, head shared/personal and LoRA rank for the FedOPAL variants, on every seed.
+
+Each run is the production job (client, filter, aggregator, persistor) in the simulator. A finished run is
+cached in <out>/runs/<run id>.json, so an interrupted benchmark resumes where it stopped.
+Writes summary.csv, summary.md, studies.md and PNG plots to bench.out_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from fedopal.config import ConfigError, FedOpalConfig, load_config
+from fedopal.methods import get_method
+from fedopal.report import collect_site_records
+
+EVALS = ("personalized", "global_only")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    seed: int
+    lr: float
+    orth_lambda: float
+    head: str
+    lora_rank: int
+
+    @property
+    def run_id(self) -> str:
+        return (f"{self.method}-s{self.seed}-lr{self.lr:g}-lam{self.orth_lambda:g}-head{self.head}"
+                f"-r{self.lora_rank}")
+
+    def config(self, base: FedOpalConfig) -> FedOpalConfig:
+        raw = base.model_dump(mode="json")
+        raw["name"] = "bench_" + self.run_id.replace(".", "p")
+        raw["train"].update(method=self.method, seed=self.seed, lr=self.lr, orth_lambda=self.orth_lambda)
+        raw["model"].update(head=self.head, lora_rank=self.lora_rank)
+        return FedOpalConfig.model_validate(raw)
+
+
+def default_spec(base: FedOpalConfig, method: str, seed: int, lr: float) -> RunSpec:
+    return RunSpec(method, seed, lr, base.train.orth_lambda, base.model.head, base.model.lora_rank)
+
+
+# -- one run ---------------------------------------------------------------------------------------------
+
+def _received_bytes(job_ws: str) -> dict[str, float]:
+    """Mean bytes per round that the server actually received from each site (0 if it never sent)."""
+    path = os.path.join(job_ws, "server", "simulate_job", "app_server", "fedopal_updates.jsonl")
+    per_site: dict[str, list[int]] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                per_site.setdefault(r["site"], []).append(r["bytes"])
+    return {site: sum(v) / len(v) for site, v in per_site.items()}
+
+
+def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str) -> dict:
+    from fedopal.job import simulate
+
+    cache = os.path.join(runs_dir, spec.run_id + ".json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            return json.load(f)
+    cfg = spec.config(base)
+    start = time.time()
+    job_ws = simulate(cfg, workspace)
+    wall = time.time() - start
+    result = {"run_id": spec.run_id, "spec": spec.__dict__, "wall_s": round(wall, 1),
+              "sites": collect_site_records(job_ws), "bytes_received": _received_bytes(job_ws)}
+    os.makedirs(runs_dir, exist_ok=True)
+    tmp = cache + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, cache)
+    shutil.rmtree(job_ws, ignore_errors=True)  # the per-run numbers are kept; the 20 MB checkpoints are not
+    return result
+
+
+# -- reading a run ---------------------------------------------------------------------------------------
+
+def site_results(result: dict, view: str) -> list[dict]:
+    """Per site: test metrics at the round where that view's validation balanced accuracy peaked."""
+    rows = []
+    for site, records in result["sites"].items():
+        key = f"{view}/val/balanced_accuracy"
+        if key not in records[0]:
+            continue
+        best = max(records, key=lambda r: r[key])
+        rows.append({
+            "site": site, "eval": view, "best_round": best["round"] + 1,
+            "val_balanced_accuracy": best[key],
+            "balanced_accuracy": best[f"{view}/test/balanced_accuracy"],
+            "accuracy": best[f"{view}/test/accuracy"], "auc": best[f"{view}/test/auc"],
+            "final_balanced_accuracy": records[-1][f"{view}/test/balanced_accuracy"],
+            "bytes_per_round": result["bytes_received"].get(site, 0.0),
+            "trainable_params": records[-1]["trainable_params"],
+        })
+    return rows
+
+
+def validation_score(result: dict) -> float:
+    rows = site_results(result, "personalized")
+    return sum(r["val_balanced_accuracy"] for r in rows) / len(rows)
+
+
+def curve(result: dict) -> list[float]:
+    """Site-mean personalized test balanced accuracy per round."""
+    per_round: dict[int, list[float]] = {}
+    for records in result["sites"].values():
+        for r in records:
+            per_round.setdefault(r["round"], []).append(r["personalized/test/balanced_accuracy"])
+    return [sum(v) / len(v) for _, v in sorted(per_round.items())]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def aggregate(results: list[dict], view: str = "personalized") -> dict:
+    """Over seeds: mean +- sd of the site-mean balanced accuracy, and of the worst site."""
+    per_seed = [site_results(r, view) for r in results]
+    per_seed = [rows for rows in per_seed if rows]
+    if not per_seed:
+        return {}
+    site_mean = [statistics.fmean(x["balanced_accuracy"] for x in rows) for rows in per_seed]
+    worst = [min(x["balanced_accuracy"] for x in rows) for rows in per_seed]
+    return {
+        "bacc": _mean_sd(site_mean), "worst": _mean_sd(worst),
+        "accuracy": _mean_sd([statistics.fmean(x["accuracy"] for x in rows) for rows in per_seed]),
+        "auc": _mean_sd([statistics.fmean(x["auc"] for x in rows) for rows in per_seed]),
+        "bytes_per_round": statistics.fmean(x["bytes_per_round"] for rows in per_seed for x in rows),
+        "trainable_params": per_seed[0][0]["trainable_params"],
+        "wall_s": statistics.fmean(r["wall_s"] for r in results),
+        "n_seeds": len(per_seed),
+    }
+
+
+def _pm(ms: tuple[float, float]) -> str:
+    return "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    base: FedOpalConfig
+    out_dir: str
+    workspace: str
+    chosen_lr: dict[str, float] = field(default_factory=dict)
+    tuning: dict[str, dict[float, float]] = field(default_factory=dict)
+    done: int = 0
+    started: float = field(default_factory=time.time)
+
+    @property
+    def runs_dir(self) -> str:
+        return os.path.join(self.out_dir, "runs")
+
+    def run(self, spec: RunSpec, total: int) -> dict:
+        self.done += 1
+        cached = os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json"))
+        elapsed = time.time() - self.started
+        print(f"[{self.done}/{total}] {spec.method:<12} seed {spec.seed}  lr {spec.lr:g}  lambda {spec.orth_lambda:g}"
+              f"  head {spec.head}  r {spec.lora_rank}{'  (cached)' if cached else ''}   elapsed {elapsed / 60:.1f} min",
+              flush=True)
+        return run_once(self.base, spec, self.runs_dir, self.workspace)
+
+    def tuning_specs(self) -> list[RunSpec]:
+        b = self.base.bench
+        return [default_spec(self.base, m, b.seeds[0], lr) for m in b.methods for lr in b.lr_grid]
+
+    def main_specs(self, lrs: dict[str, float]) -> dict[str, list[RunSpec]]:
+        return {m: [default_spec(self.base, m, s, lrs[m]) for s in self.base.bench.seeds]
+                for m in self.base.bench.methods}
+
+    def study_specs(self, lrs: dict[str, float]) -> dict[str, list[tuple[str, list[RunSpec]]]]:
+        """study name -> [(value label, one run per seed)]; runs equal to main-table runs are reused."""
+        st = self.base.bench.studies
+        if st is None:
+            return {}
+        seeds = self.base.bench.seeds
+        out: dict[str, list[tuple[str, list[RunSpec]]]] = {}
+        for method in dict.fromkeys(st.lambda_methods + st.methods):
+            d = default_spec(self.base, method, 0, lrs.get(method, self.base.bench.lr_grid[0]))
+            vary = {}
+            if method in st.lambda_methods:
+                vary["lambda"] = [(f"{v:g}", {"orth_lambda": v}) for v in st.orth_lambda]
+            if method in st.methods:
+                vary["head"] = [(h, {"head": h}) for h in st.head]
+                vary["rank"] = [(str(r), {"lora_rank": r}) for r in st.lora_rank]
+            for study, values in vary.items():
+                out[f"{method}: {study}"] = [
+                    (label, [RunSpec(**{**d.__dict__, "seed": s, **change}) for s in seeds])
+                    for label, change in values]
+        return out
+
+    def planned_total(self) -> int:
+        """Distinct runs in the plan. The chosen lrs do not change the count: the first seed's main-table run
+        is always one of the tuning runs."""
+        lrs = {m: self.base.bench.lr_grid[0] for m in self.base.bench.methods}
+        ids = {s.run_id for s in self.tuning_specs()}
+        ids |= {s.run_id for runs in self.main_specs(lrs).values() for s in runs}
+        ids |= {s.run_id for values in self.study_specs(lrs).values() for _, runs in values for s in runs}
+        return len(ids)
+
+    def execute(self) -> dict:
+        b = self.base.bench
+        total = self.planned_total()
+        print(f"Benchmark: {len(b.methods)} methods x {len(b.seeds)} seeds, lr grid {b.lr_grid}: "
+              f"{total} simulator runs (finished runs in {self.runs_dir} are reused)", flush=True)
+        for spec in self.tuning_specs():
+            score = validation_score(self.run(spec, total))
+            self.tuning.setdefault(spec.method, {})[spec.lr] = score
+        self.chosen_lr = {m: max(scores, key=scores.get) for m, scores in self.tuning.items()}
+        seen: set[str] = set()
+
+        def run(spec: RunSpec) -> dict:
+            if spec.run_id in seen or os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json")):
+                return run_once(self.base, spec, self.runs_dir, self.workspace)
+            seen.add(spec.run_id)
+            return self.run(spec, total)
+
+        main = {m: [run(s) for s in runs] for m, runs in self.main_specs(self.chosen_lr).items()}
+        studies = {name: [(label, [run(s) for s in runs]) for label, runs in values]
+                   for name, values in self.study_specs(self.chosen_lr).items()}
+        return {"main": main, "studies": studies}
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+def write_csv(main: dict[str, list[dict]], path: str) -> None:
+    cols = ["method", "seed", "site", "eval", "balanced_accuracy", "accuracy", "auc", "best_round",
+            "final_balanced_accuracy", "bytes_per_round", "trainable_params", "wall_s", "lr"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for method, results in main.items():
+            for r in results:
+                for view in EVALS:
+                    for row in site_results(r, view):
+                        w.writerow({**row, "method": method, "seed": r["spec"]["seed"], "wall_s": r["wall_s"],
+                                    "lr": r["spec"]["lr"]})
+
+
+def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
+    lines = [f"## {title}", "",
+             "Mean ± sd over seeds. *bal. acc.*: mean over sites of each site's test balanced accuracy at its "
+             "best-validation round. *worst site*: the lowest site, per seed, averaged. Bytes: what the server "
+             "received from one site per round.", "",
+             "| method | eval | bal. acc. | worst site | accuracy | AUC | bytes / round | trainable params "
+             "| wall s / run | lr |", "|" + "---|" * 10]
+    for method, results in main.items():
+        for view in EVALS:
+            agg = aggregate(results, view)
+            if not agg:
+                continue
+            lines.append(f"| {method} | {view.replace('_', '-')} | {_pm(agg['bacc'])} | {_pm(agg['worst'])} | "
+                         f"{_pm(agg['accuracy'])} | {_pm(agg['auc'])} | {agg['bytes_per_round']:,.0f} | "
+                         f"{agg['trainable_params']:,} | {agg['wall_s']:.0f} | {bench.chosen_lr[method]:g} |")
+    lines += ["", "Learning rate chosen per method on the first seed's validation balanced accuracy "
+              "(site mean of the best round):", "", "| method | " + " | ".join(
+                  f"lr {lr:g}" for lr in bench.base.bench.lr_grid) + " | chosen |",
+              "|" + "---|" * (len(bench.base.bench.lr_grid) + 2)]
+    for method, scores in bench.tuning.items():
+        lines.append(f"| {method} | " + " | ".join(f"{scores[lr]:.3f}" for lr in bench.base.bench.lr_grid)
+                     + f" | {bench.chosen_lr[method]:g} |")
+    lines += ["", reading(main)]
+    return "\n".join(lines)
+
+
+def _diff_line(name_a: str, a: dict, name_b: str, b: dict) -> str:
+    diff = a["bacc"][0] - b["bacc"][0]
+    spread = 2 * max(a["bacc"][1], b["bacc"][1])
+    verdict = "a real difference" if abs(diff) > spread else "no difference (within twice the spread across seeds)"
+    return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy (twice the larger sd: {spread:.3f}): "
+            f"{verdict}. Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
+
+
+def reading(main: dict[str, list[dict]]) -> str:
+    """The comparisons the README asks for, computed from the numbers (the rule: > 2 x the seed spread)."""
+    agg = {m: aggregate(rs) for m, rs in main.items()}
+    out = ["### Reading (generated from the numbers)", ""]
+    fedopal = [m for m in ("fedopal_w", "fedopal_r") if m in agg]
+    for m in fedopal:
+        if "dual_lora" in agg:
+            out.append(_diff_line(m, agg[m], "dual_lora (lambda = 0)", agg["dual_lora"]))
+        if "fedavg_lora" in agg:
+            out.append(_diff_line(m, agg[m], "fedavg_lora", agg["fedavg_lora"]))
+    if agg:
+        ranked = sorted(agg, key=lambda m: -agg[m]["bacc"][0])
+        ranking = ", ".join(f"{m} {agg[m]['bacc'][0]:.3f}" for m in ranked)
+        out.append(f"- Ranking by mean balanced accuracy: {ranking}.")
+        for m in fedopal:
+            better = [o for o in agg if o != m and agg[o]["bacc"][0] > agg[m]["bacc"][0]]
+            worse_worst = [o for o in agg if o != m and agg[o]["worst"][0] > agg[m]["worst"][0]]
+            out.append(f"- {m} is beaten on the mean by: {', '.join(better) or 'nobody'}; "
+                       f"on the worst site by: {', '.join(worse_worst) or 'nobody'}.")
+    return "\n".join(out)
+
+
+def studies_markdown(studies: dict) -> str:
+    lines = ["# Studies", "", "Each value: mean ± sd over seeds of the site-mean test balanced accuracy "
+             "(selection on validation), and of the worst site.", ""]
+    for name, values in studies.items():
+        lines += [f"## {name}", "", "| value | bal. acc. | worst site | bytes / round |", "|---|---|---|---|"]
+        for label, results in values:
+            agg = aggregate(results)
+            lines.append(f"| {label} | {_pm(agg['bacc'])} | {_pm(agg['worst'])} | {agg['bytes_per_round']:,.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(main: dict[str, list[dict]], out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(main)
+    sites = sorted({s for rs in main.values() for r in rs for s in r["sites"]})
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(sites) * len(methods) / 3), 4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        per_site = {s: [] for s in sites}
+        for r in main[m]:
+            for row in site_results(r, "personalized"):
+                per_site[row["site"]].append(row["balanced_accuracy"])
+        means = [np.mean(per_site[s]) for s in sites]
+        sds = [np.std(per_site[s]) for s in sites]
+        ax.bar(np.arange(len(sites)) + i * width, means, width, yerr=sds, label=m, capsize=2)
+    ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
+    ax.set_ylabel("test balanced accuracy")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("Per-site balanced accuracy (personalized, mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "per_site.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in methods:
+        curves = np.array([curve(r) for r in main[m]])
+        ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), "-o", label=m, markersize=3)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("site-mean test balanced accuracy")
+    ax.set_title("Balanced accuracy against rounds (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "rounds.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--quick", action="store_true", help="one seed, the first lr, no studies, 2 rounds")
+    p.add_argument("--workspace", default="workspace/bench")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = p.parse_args(argv)
+    try:
+        import yaml
+
+        overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+        if args.quick:
+            overrides.update({"bench.lr_grid": None, "bench.studies": None, "train.num_rounds": 2,
+                              "bench.out_dir": None})
+            base = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+            overrides.update({"bench.seeds": base.bench.seeds[:1], "bench.lr_grid": base.bench.lr_grid[:1],
+                              "bench.out_dir": base.bench.out_dir.rstrip("/") + "_quick"})
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
+    out_dir = cfg.bench.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    bench = Bench(cfg, out_dir, os.path.abspath(args.workspace))
+    start = time.time()
+    results = bench.execute()
+    wall = time.time() - start
+    title = (f"{cfg.name}: {len(cfg.bench.methods)} methods, seeds {cfg.bench.seeds}, {cfg.train.num_rounds} rounds, "
+             f"{cfg.model.backbone} at {cfg.data.image_size}, {cfg.federation.num_sites} sites")
+    write_csv(results["main"], os.path.join(out_dir, "summary.csv"))
+    md = main_markdown(bench, results["main"], title) + f"\n\nBenchmark wall time: {wall / 60:.1f} min.\n"
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(md)
+    if results["studies"]:
+        with open(os.path.join(out_dir, "studies.md"), "w") as f:
+            f.write(studies_markdown(results["studies"]))
+    with open(os.path.join(out_dir, "chosen.json"), "w") as f:
+        json.dump({"chosen_lr": bench.chosen_lr, "tuning": {m: {str(k): v for k, v in s.items()}
+                                                            for m, s in bench.tuning.items()}}, f, indent=2)
+    plot(results["main"], out_dir)
+    print(md)
+    print(f"written: {out_dir}/summary.csv, summary.md, per_site.png, rounds.png"
+          + (", studies.md" if results["studies"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
