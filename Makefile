@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d export clean
+.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick export poc clean
 
 .venv venv: $(STAMP)
 
@@ -43,6 +43,18 @@ demo: prepare
 
 demo-3d: prepare-3d
 	$(PY) -m fedopal.job --config app_configs/demo_3d.yaml --simulate --workspace workspace --results results/demo_3d
+
+# A real FLARE deployment on this machine (POC): prepare, start, submit jobs/fedopal_demo with the FLARE API,
+# wait, download, per-site table, stop (always, even after a failure). Kept in workspace/poc/, on a free port.
+poc: prepare
+	$(PY) poc_setup/poc.py run jobs/fedopal_demo
+
+# The benchmark (README "Results"): every method x 3 seeds, tuning, studies; bench-quick: 1 seed, 2 rounds
+bench: prepare
+	$(PY) -m fedopal.bench --config app_configs/bench.yaml
+
+bench-quick: prepare
+	$(PY) -m fedopal.bench --config app_configs/bench.yaml --quick
 
 # regenerate every committed job folder (tests/test_jobs.py fails on drift)
 export: $(STAMP)
