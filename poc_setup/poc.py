@@ -244,6 +244,13 @@ class Poc:
                            f"Fix: see {self.server_job_dir(job_id)}/log.txt, or wait longer (--timeout).")
         return meta["status"]
 
+    def run_time_s(self, job_id: str) -> float:
+        """How long the job ran, as FLARE's job meta says ("H:MM:SS.ffffff")."""
+        with self.session() as sess:
+            duration = sess.get_job_meta(job_id).get("duration") or "0:0:0"
+        hours, minutes, seconds = duration.split(":")
+        return 3600 * int(hours) + 60 * int(minutes) + float(seconds)
+
     def download(self, job_id: str, out_dir: str) -> str:
         """The job's result as the server keeps it: <out_dir>/<job_id>/workspace/app_server/... and the job."""
         with self.session() as sess:
@@ -422,8 +429,9 @@ def main(argv=None) -> int:
         sp.add_argument("job_id", nargs="?", help="default: the last job submitted")
         sp.add_argument("--timeout", type=float, default=3600.0)
         sp.add_argument("--out", default=os.path.join(DEFAULT_ROOT, "results"), help="download folder")
-    sp = sub.add_parser("report", parents=[common], help="per-site results table of a job folder")
-    sp.add_argument("job_folder")
+    sp = sub.add_parser("report", parents=[common], help="per-site results table of a job (from the sites' logs)")
+    sp.add_argument("job_folder", help="the job folder that was submitted (for its config)")
+    sp.add_argument("--job-id", help="for its run time; default: the last job submitted")
     sub.add_parser("stop", parents=[common], help="stop, and return once every POC process is gone")
     sub.add_parser("clean", parents=[common], help="stop, then delete the POC workspace and scratch HOME")
     sp = sub.add_parser("run", parents=[common], help="prepare, start, submit, wait, download, report, stop")
@@ -463,7 +471,8 @@ def main(argv=None) -> int:
             elif args.command == "download":
                 print(poc.download(job_id, args.out))
             elif args.command == "report":
-                print(poc.report(os.path.abspath(args.job_folder), 0.0))
+                run_time = poc.run_time_s(job_id) if job_id else float("nan")
+                print(poc.report(os.path.abspath(args.job_folder), run_time))
             elif args.command == "stop":
                 poc.stop()
             elif args.command == "clean":
