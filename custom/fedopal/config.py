@@ -91,6 +91,14 @@ class TrainConfig(_Section):
         return value
 
 
+class ExportConfig(_Section):
+    """What every site writes to <site state>/export/ each round (fedopal.export): always the adapters, head and
+    backbone reference as safetensors + manifest.json; optionally a merged copy that runs without peft."""
+
+    merged: bool = Field(False, description="also write merged.safetensors (LoRA folded into the backbone "
+                                            "weights): deployable without peft, but the backbone's size per view")
+
+
 class FederationConfig(_Section):
     num_sites: int = Field(4, ge=1, le=1000)
     min_clients: Optional[int] = Field(None, ge=1, description="default: num_sites")
@@ -138,6 +146,7 @@ class FedOpalConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
+    export: ExportConfig = ExportConfig()
     site_state_dir: Optional[str] = Field(
         None, description="where each site keeps its personal state; default: <site workspace>/fedopal_site_state"
     )

@@ -21,6 +21,7 @@ from nvflare.client.tracking import SummaryWriter
 from fedopal.adapters import build_model, count_params, nbytes
 from fedopal.config import load_config
 from fedopal.data import build_datasets, read_manifest
+from fedopal.export import SiteExporter
 from fedopal.methods import NOTHING_SHARED_KEY, get_method
 from fedopal.site_state import SiteStore
 from fedopal.train import SiteTrainer
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
     store = SiteStore(os.path.join(resolve(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state")),
                                    site))
+    exporter = SiteExporter(model, cfg, store.folder, site, datasets["train"], run_id=flare.get_job_id())
     writer = SummaryWriter()
     trainable = count_params({k: v for k, v in model.state_dict().items() if k in set(model.trainable_keys())})
     print(f"[{site}] {spec.name}: {trainer.num_train_samples} training images, {trainable} trainable params, "
@@ -85,6 +87,7 @@ def main(argv=None) -> None:
         shared = model.shared_state()
         outgoing = {**shared, **model.site_state()} if args.test_leak_personal else shared
         store.save_personal(model.site_state(), round_num, spec.name, metrics)
+        exporter.write(round_num, metrics, input_model.total_rounds)  # <site state>/export/: the usable model
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
                   "wall_s": round(time.time() - start, 3), **train_stats, **metrics}
