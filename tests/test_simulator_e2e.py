@@ -10,7 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedopal.job import simulate
 from fedopal.report import summarize
-from fedopal.site_state import METRICS_FILE, PERSONAL_FILE
+from fedopal.report import metrics_files
+from fedopal.site_state import PERSONAL_FILE, simulation_state_root
 
 from conftest import tiny_config
 
@@ -45,7 +46,7 @@ def test_personal_checkpoints_exist_and_differ_between_sites(finished_job):
     _, job_ws = finished_job
     states = {}
     for site in ("site-1", "site-2"):
-        (path,) = glob.glob(os.path.join(job_ws, site, "**", site, PERSONAL_FILE), recursive=True)
+        path = os.path.join(simulation_state_root(job_ws), site, PERSONAL_FILE)
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert ckpt["round"] == 1 and ckpt["method"] == "fedopal_w"
         states[site] = ckpt["state"]
@@ -60,8 +61,7 @@ def test_server_received_no_personal_tensor(finished_job):
     assert len(received) == 4 and all(r["accepted"] for r in received)
     keys = {k for r in received for k in r["keys"]}
     assert keys and not any(".personal." in k for k in keys)
-    sent = [json.loads(line) for p in glob.glob(os.path.join(job_ws, "**", METRICS_FILE), recursive=True)
-            for line in open(p)]
+    sent = [json.loads(line) for p in metrics_files(job_ws) for line in open(p)]
     assert {r["bytes"] for r in received} == {r["bytes_sent"] for r in sent}
 
 

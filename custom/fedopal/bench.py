@@ -291,7 +291,12 @@ def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
 def _diff_line(name_a: str, a: dict, name_b: str, b: dict) -> str:
     diff = a["bacc"][0] - b["bacc"][0]
     spread = 2 * max(a["bacc"][1], b["bacc"][1])
-    verdict = "a real difference" if abs(diff) > spread else "no difference (within twice the spread across seeds)"
+    if min(a["n_seeds"], b["n_seeds"]) < 2:
+        verdict = "one seed, so no spread to judge it by: not a finding"
+    elif abs(diff) > spread:
+        verdict = "a real difference"
+    else:
+        verdict = "no difference (within twice the spread across seeds)"
     return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy (twice the larger sd: {spread:.3f}): "
             f"{verdict}. Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
 

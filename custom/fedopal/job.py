@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import time
 import fedopal
 from fedopal.config import ConfigError, FedOpalConfig, job_dict, load_config
 from fedopal.methods import get_method
+from fedopal.site_state import simulation_state_root
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedopal.__file__))
 CUSTOM_ROOT = os.path.dirname(PACKAGE_DIR)  # FLARE resolves the relative site script from here
@@ -46,8 +46,10 @@ def _stage_config(cfg: FedOpalConfig, staging: str) -> str:
     return config_file
 
 
-def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = False, test_leak_personal: bool = False):
-    """site_filter_only: leave out the job's own result filter (the sites' privacy.json must protect alone).
+def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = False, test_leak_personal: bool = False,
+                 resume: tuple[str, int] | None = None):
+    """resume: (global checkpoint, its round): continue an aborted job from there (round counter included).
+    site_filter_only: leave out the job's own result filter (the sites' privacy.json must protect alone).
     test_leak_personal: TEST ONLY, the site script also sends its personal tensors (see client.py).
     Together they make the job that proves a site-enforced filter stops personal tensors by itself."""
     from nvflare.apis.job_def import JobMetaKey
@@ -58,14 +60,27 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
     from fedopal.aggregator import SharedKeyAggregator
     from fedopal.filters import SharedOnlyFilter
 
+    class FedOpalRecipe(FedAvgRecipe):
+        """FedAvgRecipe whose round counter can start where an aborted job stopped."""
+
+        def __init__(self, *, start_round: int = 0, **kwargs):
+            self.start_round = start_round
+            super().__init__(**kwargs)
+
+        def _get_controller_kwargs(self):
+            return {"start_round": self.start_round} if self.start_round else {}
+
     spec = get_method(cfg.train.method, cfg.model.head)
     config = job_dict(cfg)
     config_file = _stage_config(cfg, staging)
-    recipe = FedAvgRecipe(
+    start_round = resume[1] + 1 if resume else 0
+    recipe = FedOpalRecipe(
+        start_round=start_round,
+        initial_ckpt=resume[0] if resume else None,
         name=cfg.name,
         model={"class_path": "fedopal.server_model.GlobalStateModel", "args": {"config": config}},
         min_clients=cfg.federation.min_clients or cfg.federation.num_sites,
-        num_rounds=cfg.train.num_rounds,
+        num_rounds=cfg.train.num_rounds - start_round,
         train_script=SITE_SCRIPT,
         train_args=f"--config {JOB_CONFIG_NAME}" + (" --test-leak-personal" if test_leak_personal else ""),
         aggregator=SharedKeyAggregator(config=config),
@@ -106,9 +121,10 @@ class ProgressWatcher(threading.Thread):
             self.poll()
 
     def poll(self):
-        from fedopal.site_state import METRICS_FILE, read_metrics
+        from fedopal.report import metrics_files
+        from fedopal.site_state import read_metrics
 
-        for path in sorted(glob.glob(os.path.join(self.workspace, "**", METRICS_FILE), recursive=True)):
+        for path in metrics_files(self.workspace):
             records = read_metrics(os.path.dirname(path))
             start = self._seen.get(path, 0)
             for r in records[start:]:
@@ -124,19 +140,63 @@ class ProgressWatcher(threading.Thread):
         self.poll()
 
 
-def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None) -> str:
-    """Run the job in the FLARE simulator; returns the job's workspace folder."""
+def preflight(cfg: FedOpalConfig) -> None:
+    """Everything that can be checked before FLARE starts: every site's data, and the backbone (weights,
+    checkpoint). Raises DataError / BackboneError with a one-line message; nothing on disk is touched."""
+    from fedopal.adapters import build_model
+    from fedopal.validate import check_site
+
+    for site in cfg.federation.sites():
+        check_site(cfg, site)
+    build_model(cfg, get_method(cfg.train.method, cfg.model.head))
+
+
+GLOBAL_CHECKPOINT = os.path.join("server", "simulate_job", "app_server", "FL_global_model.pt")
+
+
+class ResumeError(ValueError):
+    """Nothing (or nothing usable) to resume; the message says what was looked for."""
+
+
+def resume_point(job_ws: str, state_root: str, num_rounds: int) -> tuple[str, int]:
+    """Keep the aborted job's last global checkpoint out of the simulator's reach; return (copy, its round)."""
+    import torch
+
+    ckpt = os.path.join(job_ws, GLOBAL_CHECKPOINT)
+    if not os.path.isfile(ckpt):
+        raise ResumeError(f"{ckpt}: no global checkpoint to resume from. Fix: run without --resume.")
+    last_round = torch.load(ckpt, map_location="cpu", weights_only=False)["meta_props"]["current_round"]
+    if last_round + 1 >= num_rounds:
+        raise ResumeError(f"{ckpt}: the job already finished round {last_round + 1} of {num_rounds}. "
+                          "Fix: raise train.num_rounds to train on, or run without --resume.")
+    kept = os.path.join(state_root, f"global_round_{last_round}.pt")
+    os.makedirs(state_root, exist_ok=True)
+    shutil.copyfile(ckpt, kept)
+    return kept, last_round
+
+
+def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume: bool = False) -> str:
+    """Run the job in the FLARE simulator; returns the job's workspace folder.
+
+    Sites keep their state beside it (site_state.simulation_state_root). resume=True continues an aborted
+    or finished job of the same name from its last global checkpoint and each site's last personal state."""
     from nvflare.recipe import SimEnv
 
     workspace = os.path.abspath(workspace)
-    os.environ["FEDOPAL_HOME"] = os.path.abspath(home or os.getcwd())
+    os.environ["FEDOPAL_HOME"] = os.path.abspath(home or os.environ.get("FEDOPAL_HOME") or os.getcwd())
     job_ws = os.path.join(workspace, cfg.name)
-    if os.path.isdir(job_ws):
-        shutil.rmtree(job_ws)
+    state_root = simulation_state_root(job_ws)
+    resume_from = resume_point(job_ws, state_root, cfg.train.num_rounds) if resume else None
+    if not resume:
+        for folder in (job_ws, state_root):
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+    if cfg.site_state_dir is None:
+        cfg = cfg.model_copy(update={"site_state_dir": state_root})
     sites = cfg.federation.sites()
     watcher = ProgressWatcher(job_ws, cfg.train.num_rounds)
     with tempfile.TemporaryDirectory() as staging, contextlib.chdir(CUSTOM_ROOT):
-        recipe = build_recipe(cfg, staging)
+        recipe = build_recipe(cfg, staging, resume=resume_from)
         env = SimEnv(clients=sites, workspace_root=workspace, log_config="WARNING")
         watcher.start()
         try:
@@ -154,6 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--export-dir", dest="export_dir", help="same as --export JOBS_DIR (NVFlare's convention)")
     p.add_argument("--simulate", action="store_true", help="run the job in the FLARE simulator")
     p.add_argument("--workspace", default="workspace", help="simulator workspace root (kept)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the job of the same name in --workspace from its last global checkpoint and "
+                        "each site's last personal state (after an abort, or with a larger train.num_rounds)")
     p.add_argument("--results", default=None, help="write summary.json/summary.md here after --simulate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.num_rounds=2 (value parsed as YAML)")
@@ -178,12 +241,24 @@ def main(argv=None) -> int:
     if args.export:
         print(f"exported {export_job(cfg, args.export)}")
     if args.simulate:
+        from fedopal.backbones import BackboneError
+        from fedopal.data import DataError
         from fedopal.report import summarize, write_summary
 
+        os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
+        try:
+            preflight(cfg)
+        except (DataError, BackboneError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         t0 = time.time()
         print(f"Running {cfg.name} ({cfg.train.method}) in the FLARE simulator: "
               f"{cfg.federation.num_sites} sites, {cfg.train.num_rounds} rounds", flush=True)
-        job_ws = simulate(cfg, args.workspace)
+        try:
+            job_ws = simulate(cfg, args.workspace, resume=args.resume)
+        except ResumeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         wall = time.time() - t0
         summary = summarize(job_ws, cfg, wall)
         print(summary["markdown"])

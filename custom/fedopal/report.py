@@ -11,15 +11,23 @@ import json
 import math
 import os
 
-from fedopal.site_state import METRICS_FILE, read_metrics
+from fedopal.site_state import METRICS_FILE, read_metrics, simulation_state_root
+
+
+def metrics_files(job_ws: str) -> list[str]:
+    """Every site's metrics log of a job: in its workspace (POC, downloads) or beside it (simulator)."""
+    roots = [job_ws, simulation_state_root(job_ws)]
+    return sorted(p for root in roots for p in glob.glob(os.path.join(root, "**", METRICS_FILE), recursive=True))
 
 
 def collect_site_records(job_ws: str) -> dict[str, list[dict]]:
-    records: dict[str, list[dict]] = {}
-    for path in glob.glob(os.path.join(job_ws, "**", METRICS_FILE), recursive=True):
+    """Per site, one record per round (a resumed job's rounds follow the aborted job's; a round that ran
+    twice, once before the abort and once after, counts with its last run)."""
+    records: dict[str, dict[int, dict]] = {}
+    for path in metrics_files(job_ws):
         for r in read_metrics(os.path.dirname(path)):
-            records.setdefault(r["site"], []).append(r)
-    return {site: sorted(rs, key=lambda r: r["round"]) for site, rs in sorted(records.items())}
+            records.setdefault(r["site"], {})[r["round"]] = r
+    return {site: [rs[k] for k in sorted(rs)] for site, rs in sorted(records.items())}
 
 
 def site_row(site: str, records: list[dict]) -> dict:

@@ -169,6 +169,11 @@ def nbytes(state: dict) -> int:
     return total
 
 
+def tensor_norm(state: dict) -> float:
+    """L2 norm over all tensors of a state (a fingerprint of what a site received)."""
+    return float(sum(float((torch.as_tensor(v, dtype=torch.float64) ** 2).sum()) for v in state.values()) ** 0.5)
+
+
 def build_model(cfg, spec: MethodSpec, site_name: str | None = None) -> FedOpalModel:
     """Same config + seed -> the same global adapter and head init on the server and every site."""
     torch.manual_seed(cfg.train.seed)

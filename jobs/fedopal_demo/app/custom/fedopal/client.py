@@ -18,20 +18,16 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
 from nvflare.client.tracking import SummaryWriter
 
-from fedopal.adapters import build_model, count_params, nbytes
+from fedopal.adapters import build_model, count_params, nbytes, tensor_norm
 from fedopal.config import load_config
-from fedopal.data import build_datasets, read_manifest
+from fedopal.data import build_datasets, resolve_path, site_manifest_path
 from fedopal.export import SiteExporter
 from fedopal.methods import NOTHING_SHARED_KEY, get_method
 from fedopal.site_state import SiteStore
 from fedopal.train import SiteTrainer
+from fedopal.validate import check_site
 
 KEY_METRIC = "personalized/val/balanced_accuracy"
-
-
-def resolve(path: str) -> str:
-    """Relative data/state paths resolve against $FEDOPAL_HOME (set by the launcher), else the cwd."""
-    return path if os.path.isabs(path) else os.path.join(os.environ.get("FEDOPAL_HOME", os.getcwd()), path)
 
 
 def main(argv=None) -> None:
@@ -51,13 +47,18 @@ def main(argv=None) -> None:
     spec = get_method(cfg.train.method, cfg.model.head)
 
     # Validate and cache this site's data, and build the model, once per job (not per round).
-    manifest = os.path.join(resolve(cfg.data.root), site, cfg.data.manifest)
-    samples = read_manifest(manifest, cfg.data.num_classes)
+    manifest = site_manifest_path(cfg, site)
+    samples = check_site(cfg, site, manifest)  # every row and file, before any training
     model = build_model(cfg, spec, site_name=site)
     datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest)
     trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
-    store = SiteStore(os.path.join(resolve(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state")),
+    store = SiteStore(os.path.join(resolve_path(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state")),
                                    site))
+    resumed = store.resume(spec.name)  # an aborted or earlier job of this site left its personal state
+    if resumed is not None:
+        model.load_site_state(resumed["state"])
+        trainer.rounds_done = resumed["round"] + 1
+        print(f"[{site}] resumed the personal state saved at round {resumed['round']}")
     exporter = SiteExporter(model, cfg, store.folder, site, datasets["train"], run_id=flare.get_job_id())
     writer = SummaryWriter()
     trainable = count_params({k: v for k, v in model.state_dict().items() if k in set(model.trainable_keys())})
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
         if input_model is None:
             break
         round_num = input_model.current_round or 0
-        model.load_shared({k: v for k, v in (input_model.params or {}).items() if k != NOTHING_SHARED_KEY})
+        received = {k: v for k, v in (input_model.params or {}).items() if k != NOTHING_SHARED_KEY}
+        model.load_shared(received)
 
         if flare.is_submit_model():
             flare.send(FLModel(params=model.shared_state()))
@@ -90,7 +92,8 @@ def main(argv=None) -> None:
         exporter.write(round_num, metrics, input_model.total_rounds)  # <site state>/export/: the usable model
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
-                  "wall_s": round(time.time() - start, 3), **train_stats, **metrics}
+                  "wall_s": round(time.time() - start, 3), "received_norm": tensor_norm(received),
+                  "resumed_from_round": resumed["round"] if resumed else None, **train_stats, **metrics}
         store.append_metrics(record)
         for tag in ("task_loss", "orth_loss"):
             writer.add_scalar(f"train/{tag}", train_stats[tag], global_step=round_num)

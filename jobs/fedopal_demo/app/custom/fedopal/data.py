@@ -40,6 +40,15 @@ class DataError(ValueError):
     """Bad site data; the message names the file, the row or field, and the fix."""
 
 
+def resolve_path(path: str) -> str:
+    """Relative data/state paths resolve against $FEDOPAL_HOME (set by the launchers), else the cwd."""
+    return path if os.path.isabs(path) else os.path.join(os.environ.get("FEDOPAL_HOME", os.getcwd()), path)
+
+
+def site_manifest_path(cfg, site: str) -> str:
+    return os.path.join(resolve_path(cfg.data.root), site, cfg.data.manifest)
+
+
 @dataclass(frozen=True)
 class Sample:
     path: str
@@ -76,6 +85,8 @@ def read_manifest(manifest_path: str, num_classes: int) -> list[Sample]:
             if not os.path.isfile(path):
                 raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
             samples.append(Sample(path, label, split))
+    if not samples:
+        raise DataError(f"{manifest_path}: the site has no rows. Fix: list this site's images in the manifest.")
     for split in SPLITS:
         if not any(s.split == split for s in samples):
             raise DataError(f"{manifest_path}: the '{split}' split is empty. Fix: assign rows to every split "
