@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedopal.job import simulate
 from fedopal.report import summarize
-from fedopal.report import metrics_files
+from fedopal.report import collect_site_records, metrics_files
 from fedopal.site_state import PERSONAL_FILE, simulation_state_root
 
 from conftest import tiny_config
@@ -76,3 +76,16 @@ def test_metrics_reached_tensorboard_event_files(finished_job):
         tags = acc.Tags()["scalars"]
         assert "personalized/test/balanced_accuracy" in tags and "train/orth_loss" in tags
         assert len(acc.Scalars("personalized/test/balanced_accuracy")) == 2
+
+
+def test_the_same_seed_gives_the_same_metrics(finished_job, tmp_path):
+    """Determinism: a second run with the same config and seed reproduces every site's metrics (CPU, one
+    thread per site; tolerance 1e-6)."""
+    cfg, job_ws = finished_job
+    again = simulate(cfg, str(tmp_path / "again"))
+    first, second = collect_site_records(job_ws), collect_site_records(again)
+    keys = [k for k in first["site-1"][0] if k.startswith(("personalized/", "global_only/")) or k.endswith("_loss")]
+    for site in first:
+        for a, b in zip(first[site], second[site]):
+            for k in keys:
+                assert a[k] == pytest.approx(b[k], abs=1e-6, nan_ok=True), (site, a["round"], k)

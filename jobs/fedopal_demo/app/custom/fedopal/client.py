@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     manifest = site_manifest_path(cfg, site)
     samples = check_site(cfg, site, manifest)  # every row and file, before any training
     model = build_model(cfg, spec, site_name=site)
-    datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest)
+    datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest, cfg.train.seed)
     trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
     store = SiteStore(os.path.join(resolve_path(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state")),
                                    site))

@@ -181,14 +181,16 @@ def build_transforms(data_cfg, model_in_channels: int, normalization, train: boo
 
 
 def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
-                   manifest_path: str = "") -> dict[str, CacheDataset]:
-    """One CacheDataset per split; the deterministic steps are cached once per job, augmentation runs per epoch."""
+                   manifest_path: str = "", seed: int = 0) -> dict[str, CacheDataset]:
+    """One CacheDataset per split; the deterministic steps are cached once per job, augmentation runs per epoch
+    from a seeded random state (the same seed gives the same augmented images)."""
     family = file_format(samples, data_cfg.spatial_dims, manifest_path)
     datasets = {}
     for split in SPLITS:
         items = [{"image": s.path, "label": s.label} for s in samples if s.split == split]
         transform = build_transforms(data_cfg, model_in_channels, normalization, train=split == "train",
                                      family=family)
+        transform.set_random_state(seed=seed)
         try:
             datasets[split] = CacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
                                            progress=False, copy_cache=False)
