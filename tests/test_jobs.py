@@ -48,3 +48,23 @@ def test_job_cli_rejects_a_bad_config_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "'train.num_rounds'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_exported_job_can_continue_an_aborted_one(tmp_path):
+    import json
+
+    import torch
+
+    ckpt = tmp_path / "FL_global_model.pt"
+    torch.save({"model": {}, "meta_props": {"current_round": 2}}, ckpt)
+    cfg = load_config(os.path.join(REPO, "app_configs", "demo.yaml"), {"train.num_rounds": 6})
+    from fedopal.job import main as job_main
+
+    assert job_main(["--config", os.path.join(REPO, "app_configs", "demo.yaml"), "--set", "train.num_rounds=6",
+                     "--export", str(tmp_path / "jobs"), "--resume-from", str(ckpt)]) == 0
+    server = json.load(open(tmp_path / "jobs" / cfg.name / "app" / "config" / "config_fed_server.json"))
+    controller = server["workflows"][0]["args"]
+    assert controller["start_round"] == 3 and controller["num_rounds"] == 3
+    assert str(ckpt) in json.dumps(server)
+    assert job_main(["--config", os.path.join(REPO, "app_configs", "demo.yaml"), "--export", str(tmp_path / "j2"),
+                     "--resume-from", str(tmp_path / "missing.pt")]) == 2

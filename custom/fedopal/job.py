@@ -158,17 +158,28 @@ class ResumeError(ValueError):
     """Nothing (or nothing usable) to resume; the message says what was looked for."""
 
 
-def resume_point(job_ws: str, state_root: str, num_rounds: int) -> tuple[str, int]:
-    """Keep the aborted job's last global checkpoint out of the simulator's reach; return (copy, its round)."""
+def checkpoint_round(ckpt: str, num_rounds: int) -> int:
+    """The last round a global checkpoint holds (FLARE's persistor records it), checked against num_rounds."""
     import torch
 
-    ckpt = os.path.join(job_ws, GLOBAL_CHECKPOINT)
     if not os.path.isfile(ckpt):
-        raise ResumeError(f"{ckpt}: no global checkpoint to resume from. Fix: run without --resume.")
-    last_round = torch.load(ckpt, map_location="cpu", weights_only=False)["meta_props"]["current_round"]
+        raise ResumeError(f"{ckpt}: no global checkpoint to resume from. Fix: run without --resume, or give "
+                          "the path of the aborted job's FL_global_model.pt.")
+    try:
+        last_round = torch.load(ckpt, map_location="cpu", weights_only=False)["meta_props"]["current_round"]
+    except Exception as err:  # a foreign or damaged file
+        raise ResumeError(f"{ckpt}: not a FLARE global checkpoint ({type(err).__name__}). "
+                          "Fix: give the FL_global_model.pt of the aborted job.") from None
     if last_round + 1 >= num_rounds:
         raise ResumeError(f"{ckpt}: the job already finished round {last_round + 1} of {num_rounds}. "
                           "Fix: raise train.num_rounds to train on, or run without --resume.")
+    return last_round
+
+
+def resume_point(job_ws: str, state_root: str, num_rounds: int) -> tuple[str, int]:
+    """Keep the aborted job's last global checkpoint out of the simulator's reach; return (copy, its round)."""
+    ckpt = os.path.join(job_ws, GLOBAL_CHECKPOINT)
+    last_round = checkpoint_round(ckpt, num_rounds)
     kept = os.path.join(state_root, f"global_round_{last_round}.pt")
     os.makedirs(state_root, exist_ok=True)
     shutil.copyfile(ckpt, kept)
@@ -212,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--export", nargs="?", const="jobs", metavar="JOBS_DIR",
                    help="export the job folder to JOBS_DIR/<name> (default jobs/)")
     p.add_argument("--export-dir", dest="export_dir", help="same as --export JOBS_DIR (NVFlare's convention)")
+    p.add_argument("--resume-from", metavar="CKPT",
+                   help="with --export: a job that continues an aborted one from this global checkpoint (a path "
+                        "on the server, e.g. its FL_global_model.pt); the round counter continues")
     p.add_argument("--simulate", action="store_true", help="run the job in the FLARE simulator")
     p.add_argument("--workspace", default="workspace", help="simulator workspace root (kept)")
     p.add_argument("--resume", action="store_true",
@@ -239,7 +253,15 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.export:
-        print(f"exported {export_job(cfg, args.export)}")
+        resume = None
+        if args.resume_from:
+            try:
+                resume = (os.path.abspath(args.resume_from),
+                          checkpoint_round(args.resume_from, cfg.train.num_rounds))
+            except ResumeError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        print(f"exported {export_job(cfg, args.export, resume=resume)}")
     if args.simulate:
         from fedopal.backbones import BackboneError
         from fedopal.data import DataError
