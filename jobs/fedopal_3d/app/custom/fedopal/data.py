@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, Dataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -217,3 +217,78 @@ def label_counts(samples: list[Sample], split: str) -> dict[int, int]:
         if s.split == split:
             counts[s.label] = counts.get(s.label, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# -- inputs for prediction (fedopal.predict): labels and splits are optional, files are read lazily ----------
+
+UNLABELED = -1  # the label of an input that has none (new scans to predict)
+
+
+def find_inputs(inputs: list[str]) -> list[Sample]:
+    """Files and folders (searched recursively, sorted) -> unlabeled samples of the supported file types."""
+    paths = []
+    for given in inputs:
+        if os.path.isfile(given):
+            paths.append(given)
+        elif os.path.isdir(given):
+            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(given) for name in names
+                           if suffix_of(name) in READERS)
+            if not found:
+                raise DataError(f"{given}: no image files ({', '.join(READERS)}) in this folder. "
+                                "Fix: point --input at the images, or list them with --manifest.")
+            paths += found
+        else:
+            raise DataError(f"{given}: input file or folder not found. Fix: check the path.")
+    return [Sample(os.path.abspath(p), UNLABELED, "") for p in paths]
+
+
+def read_input_manifest(manifest_path: str, num_classes: int) -> list[Sample]:
+    """A manifest of images to predict: `path` is required; `label` and `split` are optional (a site's training
+    manifest works as it is). Rows are checked as in read_manifest; labels may be left empty."""
+    if not os.path.isfile(manifest_path):
+        raise DataError(f"{manifest_path}: manifest not found. Fix: pass a CSV with a 'path' column "
+                        "(optional: label, split).")
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    with open(manifest_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise DataError(f"{manifest_path}: no 'path' column; found {reader.fieldnames}. "
+                            "Fix: the header must name a path column (optional: label, split).")
+        samples = []
+        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
+            where = f"{manifest_path}:{row_no}"
+            text = (row.get("label") or "").strip()
+            try:
+                label = int(text) if text else UNLABELED
+            except ValueError:
+                raise DataError(f"{where}: label {text!r} is not an integer. "
+                                f"Fix: use class indices 0..{num_classes - 1}, or leave it empty.") from None
+            if label != UNLABELED and not 0 <= label < num_classes:
+                raise DataError(f"{where}: label {label} is out of range 0..{num_classes - 1}. "
+                                "Fix: correct the label, or leave it empty.")
+            path = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+            if not os.path.isfile(path):
+                raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
+            samples.append(Sample(path, label, (row.get("split") or "").strip()))
+    if not samples:
+        raise DataError(f"{manifest_path}: no rows. Fix: list the images to predict, one per row.")
+    return samples
+
+
+class _NamedFileDataset(Dataset):
+    """Reads lazily (inputs can be many); a file that fails in any pipeline step is named in the error."""
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except Exception as err:  # MONAI wraps reader errors in several types
+            raise DataError(f"{self.data[index]['image']}: could not be read ({_first_line(err)}). "
+                            "Fix: replace or remove the file.") from None
+
+
+def build_inference_dataset(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
+                            source: str = "") -> Dataset:
+    """The evaluation pipeline (no augmentation) over a list of samples, labelled or not."""
+    family = file_format(samples, data_cfg.spatial_dims, source)
+    transform = build_transforms(data_cfg, model_in_channels, normalization, train=False, family=family)
+    return _NamedFileDataset([{"image": s.path, "label": s.label} for s in samples], transform)
