@@ -133,14 +133,18 @@ class PocState:
 
 
 class Poc:
-    def __init__(self, workspace: str):
-        self.workspace = os.path.abspath(workspace)
-        path = os.path.join(self.workspace, STATE_FILE)
+    def __init__(self, state: PocState):
+        self.state = state
+        self.workspace = state.workspace
+
+    @classmethod
+    def load(cls, workspace: str) -> "Poc":
+        path = os.path.join(os.path.abspath(workspace), STATE_FILE)
         if not os.path.isfile(path):
-            raise PocError(f"{path} not found: no POC prepared in {self.workspace}. "
+            raise PocError(f"{path} not found: no POC prepared there. "
                            f"Fix: run `poc.py prepare --workspace {workspace}` first.")
         with open(path) as f:
-            self.state = PocState(**json.load(f))
+            return cls(PocState(**json.load(f)))
 
     # -- where things are ---------------------------------------------------------------------
     @property
@@ -164,9 +168,10 @@ class Poc:
                 consortium: str = CONSORTIUM_PROJECT) -> "Poc":
         workspace, home = os.path.abspath(workspace), os.path.abspath(home)
         if os.path.isfile(os.path.join(workspace, STATE_FILE)):
-            cls(workspace).stop()  # FLARE's prepare --force would delete the workspace of a running POC
+            cls.load(workspace).stop()  # FLARE's prepare --force would delete the workspace of a running POC
+        port = port or free_port()
         with open(consortium) as f:
-            project = poc_project(yaml.safe_load(f), sites, port or free_port())
+            project = poc_project(yaml.safe_load(f), sites, port)
         admin = next(a["name"] for a in project["participants"] if a.get("role") == "project_admin")
         os.makedirs(home, exist_ok=True)
         # The project file must live outside the workspace, which prepare deletes first.
@@ -175,14 +180,12 @@ class Poc:
             with open(project_file, "w") as f:
                 yaml.safe_dump(project, f, sort_keys=False)
             _nvflare(["poc", "prepare", "-i", project_file, "--force"], cli_env(workspace, home), "prepare")
-        state = PocState(workspace=workspace, home=home, port=project["participants"][0]["fed_learn_port"],
-                         project=project["name"], admin=admin, sites=list(sites))
-        with open(os.path.join(workspace, STATE_FILE), "w") as f:
-            json.dump(asdict(state), f, indent=1)
-        poc = cls(workspace)
+        poc = cls(PocState(workspace=workspace, home=home, port=port, project=project["name"], admin=admin,
+                           sites=list(sites)))
+        poc.save()
         for site in sites:
             install_site_policy(os.path.join(poc.prod_dir, site))
-        print(f"poc: prepared {len(sites)} sites ({', '.join(sites)}) on port {state.port}, workspace {workspace}, "
+        print(f"poc: prepared {len(sites)} sites ({', '.join(sites)}) on port {port}, workspace {workspace}, "
               f"HOME {home}; site policy in <site>/local/privacy.json", flush=True)
         return poc
 
@@ -227,14 +230,12 @@ class Poc:
         self.save()
         return job_id
 
-    def wait(self, job_id: str, timeout_s: float = 3600.0, on_poll=None) -> str:
+    def wait(self, job_id: str, timeout_s: float = 3600.0) -> str:
         """Polls until the job ends; returns FLARE's final status (FINISHED:COMPLETED when all went well)."""
         from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 
-        def poll(_session, _job_id, meta, *args, **kwargs) -> bool:
+        def poll(*_args, **_kwargs) -> bool:
             self.record_processes()  # job processes come and go: stop must know them too
-            if on_poll:
-                on_poll(meta)
             return True
 
         with self.session() as sess:
@@ -298,14 +299,20 @@ class Poc:
     def report(self, job_folder: str, wall_s: float) -> str:
         """Per-site table from the sites' metrics logs (in POC every site's folder is on this machine; they
         accumulate over jobs, so run one job per prepared POC, as `run` does)."""
-        from fedopal.config import load_config
-        from fedopal.job import JOB_CONFIG_NAME
         from fedopal.report import summarize
 
-        configs = glob.glob(os.path.join(job_folder, "*", "custom", JOB_CONFIG_NAME))
-        if not configs:
-            raise PocError(f"{job_folder}: no */custom/{JOB_CONFIG_NAME}. Fix: give a job exported by fedopal.job.")
-        return summarize(self.prod_dir, load_config(configs[0]), wall_s)["markdown"]
+        return summarize(self.prod_dir, job_config(job_folder), wall_s)["markdown"]
+
+
+def job_config(job_folder: str):
+    """The FedOPAL config a job folder ships (its app's custom/fedopal_job.json)."""
+    from fedopal.config import load_config
+    from fedopal.job import JOB_CONFIG_NAME
+
+    configs = glob.glob(os.path.join(job_folder, "*", "custom", JOB_CONFIG_NAME))
+    if not configs:
+        raise PocError(f"{job_folder}: no */custom/{JOB_CONFIG_NAME}. Fix: give a job exported by fedopal.job.")
+    return load_config(configs[0])
 
 
 def _wait_until_gone(pids: dict[int, float], prod_dir: str, timeout_s: float) -> list[int]:
@@ -366,16 +373,15 @@ def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: s
         with stage("submit"):
             job_id = poc.submit(job_folder)
             print(f"poc: submitted {job_folder} as job {job_id}", flush=True)
-        with open(os.path.join(job_folder, "meta.json")) as f:
-            meta = json.load(f)
-        watcher = ProgressWatcher(poc.prod_dir, _num_rounds(job_folder))
+        cfg = job_config(job_folder)
+        watcher = ProgressWatcher(poc.prod_dir, cfg.train.num_rounds)
         watcher.start()
         try:
             with stage("wait"):
                 status = poc.wait(job_id, timeout_s)
         finally:
             watcher.stop()
-        print(f"poc: job {job_id} ({meta['name']}) ended with {status}", flush=True)
+        print(f"poc: job {job_id} ({cfg.name}) ended with {status}", flush=True)
         if status != "FINISHED:COMPLETED":
             raise PocError(f"job {job_id} ended with {status}. Fix: see {poc.prod_dir}/<site>/{job_id}/log.txt "
                            f"and {poc.server_job_dir(job_id)}/log.txt (the POC workspace is kept).")
@@ -387,20 +393,12 @@ def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: s
         print(f"poc: personal state of each site in {poc.prod_dir}/<site>/fedopal_site_state/<site>/")
     finally:
         if poc is None and os.path.isfile(os.path.join(workspace, STATE_FILE)):
-            poc = Poc(workspace)  # prepare failed half-way: whatever it started still gets stopped
+            poc = Poc.load(workspace)  # prepare failed half-way: whatever it started still gets stopped
         with stage("stop"):
             if poc is not None:
                 poc.stop()
         print("poc: stage wall times: " + " | ".join(f"{k} {v:.1f} s" for k, v in times.items()), flush=True)
     return 0
-
-
-def _num_rounds(job_folder: str) -> int:
-    from fedopal.config import load_config
-    from fedopal.job import JOB_CONFIG_NAME
-
-    configs = glob.glob(os.path.join(job_folder, "*", "custom", JOB_CONFIG_NAME))
-    return load_config(configs[0]).train.num_rounds if configs else 0
 
 
 def main(argv=None) -> int:
@@ -456,7 +454,7 @@ def main(argv=None) -> int:
         elif args.command == "run":
             return run(os.path.abspath(args.job_folder), args.workspace, args.home, sites, args.out, args.timeout)
         else:
-            poc = Poc(args.workspace)
+            poc = Poc.load(args.workspace)
             job_id = getattr(args, "job_id", None) or poc.state.last_job_id
             if args.command in ("wait", "download") and not job_id:
                 raise PocError("no job id given and none submitted yet. Fix: `poc.py submit <job folder>` first.")

@@ -135,11 +135,12 @@ def poc_run(small_federation, tmp_path_factory):
                                                                 cb=record_processes)
                 status[name] = meta["status"] if meta else "TIMEOUT"
                 results[name] = sess.download_job_result(job_id, str(tmp / "results"))
-        yield SimpleNamespace(poc=deployment, home=home, plain_job=plain_job, job_ids={"plain": plain_id, "leak": leak_id},
-                              status=status, results=results, commands=commands, leak_state=str(tmp / "leak_state"))
+        yield SimpleNamespace(poc=deployment, home=home, plain_job=plain_job, status=status, results=results,
+                              job_ids={"plain": plain_id, "leak": leak_id}, commands=commands,
+                              leak_state=str(tmp / "leak_state"))
     finally:
         if deployment is None and os.path.isfile(os.path.join(workspace, poc.STATE_FILE)):
-            deployment = poc.Poc(workspace)
+            deployment = poc.Poc.load(workspace)
         if deployment is not None:
             deployment.stop()
             seen.update(poc.find_poc_processes(deployment.prod_dir))
