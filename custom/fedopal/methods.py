@@ -109,6 +109,13 @@ METHODS: dict[str, MethodSpec] = {
                    description="FedDPA (Yang et al., NeurIPS 2024): dual adapters, instance-wise personal weight"),
         MethodSpec("full_ft", (), ("backbone", "head"), ("backbone", "head"),
                    description="full fine-tuning with FedAvg: backbone unfrozen, everything averaged"),
+        # Not a federation method: a site that joins after training (fedopal.latejoin) loads the federation's
+        # global adapter, keeps it frozen, and learns only what is its own. Orthogonality keeps the personal
+        # adapter off the global adapter's input subspace, as in fedopal_w.
+        MethodSpec("late_join", ("global", "personal"), ("personal.A", "personal.B", "head"), (), "weight",
+                   head="personal",
+                   description="late-joining site (python -m fedopal.latejoin): the federation's global adapter "
+                               "frozen, personal adapter + head trained locally, nothing sent"),
     )
 }
 
