@@ -92,7 +92,8 @@ def main(argv=None) -> None:
         exporter.write(round_num, metrics, input_model.total_rounds)  # <site state>/export/: the usable model
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
-                  "wall_s": round(time.time() - start, 3), "received_norm": tensor_norm(received),
+                  "wall_s": round(time.time() - start, 3), "started_at": start, "finished_at": time.time(),
+                  "received_norm": tensor_norm(received),
                   "resumed_from_round": resumed["round"] if resumed else None, **train_stats, **metrics}
         store.append_metrics(record)
         for tag in ("task_loss", "orth_loss"):

@@ -1,0 +1,272 @@
+"""What FLARE and FedOPAL add on top of the local compute, and what a site sends: measured side by side.
+
+    python -m fedopal.perf [--quick]
+
+(a) loop_ratio: images/s of the site training loop (SiteTrainer) / a bare torch + peft loop, same model,
+    batches, data and threads.
+(b) round_overhead_ratio: the simulator's wall time per round / the bare compute of the same steps (both
+    sites' train + evaluate, in parallel on the machine's cores); startup_s, the job's fixed start, apart.
+(c) bytes_fraction: bytes a site actually sent per round (the server's log) / the whole model, for FedOPAL on
+    a ViT-S-sized MONAI ViT (dim 384, depth 12, r=8); and sent / the raw global-adapter floor on every backbone.
+(d) peak_rss_mb of a site process in the simulator, against bare_peak_rss_mb of the bare loop in its own process.
+(e) scaling: 2, 4, 8, 16 simulated sites sharing a fixed total amount of data: seconds per round.
+Prints a table and writes results/perf/summary.json. Nothing here is a test: the numbers are for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from fedopal.adapters import build_model, nbytes
+from fedopal.config import FedOpalConfig, config_from_dict, load_config
+from fedopal.data import build_datasets, loader, site_manifest_path
+from fedopal.methods import get_method
+from fedopal.orthogonality import weight_orthogonality
+from fedopal.report import collect_site_records
+from fedopal.train import SiteTrainer
+from fedopal.validate import check_site
+
+VIT_S = {"patch_size": 16, "hidden_size": 384, "mlp_dim": 1536, "num_layers": 12, "num_heads": 6}
+TINY_VIT = {"patch_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 3}
+
+
+def _site(cfg: FedOpalConfig, site: str):
+    samples = check_site(cfg, site)
+    model = build_model(cfg, get_method(cfg.train.method, cfg.model.head), site)
+    datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization,
+                              site_manifest_path(cfg, site), cfg.train.seed)
+    return model, datasets
+
+
+def bare_loop(cfg: FedOpalConfig, site: str, steps: int) -> float:
+    """A plain torch + peft loop: same model, loss (task + lambda * weight orthogonality), batches and threads."""
+    model, datasets = _site(cfg, site)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    batches = loader(datasets["train"], cfg.data.batch_size, shuffle=True, seed=cfg.train.seed)
+    model.train()
+    done, images, start = 0, 0, None
+    while done < steps + 2:
+        for batch in batches:
+            if done == 2:  # two warm-up steps
+                start, images = time.perf_counter(), 0
+            loss = F.cross_entropy(model(batch["image"]), batch["label"].long())
+            if model.spec.regularizer == "weight":
+                loss = loss + cfg.train.orth_lambda * weight_orthogonality(model.lora_layers())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            images += len(batch["label"])
+            done += 1
+            if done >= steps + 2:
+                break
+    return images / (time.perf_counter() - start)
+
+
+def site_loop(cfg: FedOpalConfig, site: str, steps: int) -> float:
+    model, datasets = _site(cfg, site)
+    warm = cfg.model_copy(update={"train": cfg.train.model_copy(update={"local_steps": 2})})
+    SiteTrainer(model, datasets, warm.train, cfg.data.batch_size).train_round()
+    run = cfg.train.model_copy(update={"local_steps": steps})
+    trainer = SiteTrainer(model, datasets, run, cfg.data.batch_size)
+    start = time.perf_counter()
+    trainer.train_round()
+    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+
+
+def bare_round_s(cfg: FedOpalConfig, sites: list[str]) -> float:
+    """One round's compute without FLARE: each site's train + evaluate, in parallel on the cores."""
+    times = []
+    for site in sites:
+        model, datasets = _site(cfg, site)
+        trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
+        trainer.train_round()  # warm-up round (first-touch allocations)
+        trainer.evaluate()
+        start = time.perf_counter()
+        trainer.train_round()
+        trainer.evaluate()
+        times.append(time.perf_counter() - start)
+    cores = max(1, min(len(sites), os.cpu_count() or 1))
+    return sum(times) / cores if len(sites) > cores else max(times)
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of every descendant process (the simulator's site workers) while a job runs."""
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._done = interval, {}, threading.Event()
+
+    def run(self):
+        me = psutil.Process()
+        while not self._done.wait(self.interval):
+            for p in me.children(recursive=True):
+                try:
+                    cmd = " ".join(p.cmdline())
+                    rss = p.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                self.peak[cmd] = max(self.peak.get(cmd, 0), rss)
+
+    def stop(self):
+        self._done.set()
+        self.join(timeout=5)
+
+
+def simulate_timed(cfg: FedOpalConfig, workspace: str) -> dict:
+    from fedopal.bench import _received_bytes
+    from fedopal.job import simulate
+
+    sampler = RssSampler()
+    sampler.start()
+    t0 = time.time()
+    try:
+        job_ws = simulate(cfg, workspace)
+    finally:
+        sampler.stop()
+    records = collect_site_records(job_ws)
+    first_start = min(r["started_at"] for rs in records.values() for r in rs if r["round"] == 0)
+    last_end = max(r["finished_at"] for rs in records.values() for r in rs)
+    rounds = cfg.train.num_rounds
+    site_workers = {c: v for c, v in sampler.peak.items() if "simulator_worker" in c or "client" in c}
+    return {
+        "startup_s": first_start - t0,
+        "round_s": (last_end - first_start) / rounds,
+        "bytes_received": _received_bytes(job_ws),
+        "peak_rss": site_workers or sampler.peak,
+        "job_ws": job_ws,
+    }
+
+
+def max_rss_of_bare_loop(config_path: str, overrides: dict, site: str, steps: int) -> float:
+    """The bare loop in its own process, so that its peak RSS is its own."""
+    code = ("import json, resource, sys; from fedopal.config import load_config; from fedopal.perf import bare_loop; "
+            "cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); bare_loop(cfg, sys.argv[3], int(sys.argv[4])); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, config_path, json.dumps(overrides), site, str(steps)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024  # kB -> MB
+
+
+def communication(cfg: FedOpalConfig, received: dict) -> dict:
+    model = build_model(cfg, get_method(cfg.train.method, cfg.model.head))
+    groups = model.state_by_group()
+    floor = nbytes({**groups.get("global.A", {}), **groups.get("global.B", {})})
+    whole = nbytes({k: v for k, v in model.state_dict().items() if ".personal." not in k})
+    sent = sum(received.values()) / max(len(received), 1)
+    return {"bytes_sent": sent, "global_adapter_floor": floor, "whole_model": whole,
+            "sent_over_floor": sent / floor, "bytes_fraction": sent / whole}
+
+
+def scaling(base: FedOpalConfig, counts: list[int], total_train: int, rounds: int, workspace: str) -> dict:
+    """Fixed total data split across N sites (the demo's PneumoniaMNIST), tiny ViT: seconds per round."""
+    from fedopal.prepare import build_federation
+
+    out = {}
+    for n in counts:
+        root = os.path.join(workspace, f"fed_{n}")
+        build_federation("data/medmnist/pneumoniamnist.npz", root, num_sites=n, seed=0,
+                         train_per_site=total_train // n, val_per_site=max(8, 160 // n), test_per_site=max(8, 160 // n),
+                         min_test_per_class=2, min_val_per_class=2)
+        raw = base.model_dump(mode="json")
+        raw.update(name=f"perf_scaling_{n}")
+        raw["data"].update(root=os.path.abspath(root), image_size=32)
+        raw["model"].update(backbone="monai_vit", pretrained=False, vit=TINY_VIT, lora_rank=4)
+        raw["train"].update(num_rounds=rounds, local_epochs=1, local_steps=None)
+        raw["federation"] = {"num_sites": n}
+        timed = simulate_timed(config_from_dict(raw), workspace)
+        out[n] = round(timed["round_s"], 2)
+        print(f"  scaling: {n:>2} sites x {total_train // n} images: {timed['round_s']:.1f} s/round", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="app_configs/demo.yaml")
+    p.add_argument("--quick", action="store_true", help="fewer steps and site counts (a smoke run)")
+    p.add_argument("--out", default="results/perf")
+    p.add_argument("--workspace", default="workspace/perf")
+    args = p.parse_args(argv)
+    os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
+    torch.set_num_threads(1)
+    steps = 6 if args.quick else 20
+    base = load_config(args.config, {"train.method": "fedopal_w"})
+    results: dict = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+                                f"torch {torch.__version__}, 1 thread per site"}
+
+    print("(a) training loop throughput, EfficientNet-Lite0 + dual LoRA, fedopal_w:", flush=True)
+    bare = bare_loop(base, "site-1", steps)
+    site = site_loop(base, "site-1", steps)
+    results["bare_images_per_s"], results["site_images_per_s"] = round(bare, 1), round(site, 1)
+    results["loop_ratio"] = round(site / bare, 3)
+    print(f"  bare {bare:.1f} img/s, site loop {site:.1f} img/s, ratio {site / bare:.3f}", flush=True)
+
+    print("(b)+(c)+(d) simulator, 2 sites:", flush=True)
+    rounds = 2 if args.quick else 4
+    sim_cfg = load_config(args.config, {"train.method": "fedopal_w", "train.num_rounds": rounds,
+                                        "federation.num_sites": 2, "name": "perf_demo"})
+    timed = simulate_timed(sim_cfg, args.workspace)
+    bare_round = bare_round_s(sim_cfg, sim_cfg.federation.sites())
+    results["startup_s"] = round(timed["startup_s"], 1)
+    results["sim_round_s"], results["bare_round_s"] = round(timed["round_s"], 2), round(bare_round, 2)
+    results["round_overhead_ratio"] = round(timed["round_s"] / bare_round, 3)
+    comm = communication(sim_cfg, timed["bytes_received"])
+    results["efficientnet"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in comm.items()}
+    results["peak_rss_mb"] = round(max(timed["peak_rss"].values()) / 2**20, 1)
+    results["bare_peak_rss_mb"] = round(max_rss_of_bare_loop(args.config, {"train.method": "fedopal_w"},
+                                                             "site-1", steps), 1)
+    print(f"  startup {timed['startup_s']:.1f} s; round {timed['round_s']:.2f} s vs bare {bare_round:.2f} s "
+          f"(ratio {results['round_overhead_ratio']}); peak RSS {results['peak_rss_mb']} MB vs bare "
+          f"{results['bare_peak_rss_mb']} MB", flush=True)
+
+    print("(c) ViT-S (dim 384, depth 12, r=8):", flush=True)
+    vit_cfg = load_config(args.config, {"train.method": "fedopal_w", "train.num_rounds": 1, "train.local_steps": 1,
+                                        "federation.num_sites": 2, "name": "perf_vit_s", "model.backbone": "monai_vit",
+                                        "model.pretrained": False, "model.vit": VIT_S, "data.image_size": 32})
+    vit_timed = simulate_timed(vit_cfg, args.workspace)
+    vit = communication(vit_cfg, vit_timed["bytes_received"])
+    results["vit_s"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in vit.items()}
+    results["bytes_fraction"] = round(vit["bytes_fraction"], 5)
+
+    print("(e) scaling at a fixed total of 800 training images (tiny ViT):", flush=True)
+    counts = [2, 4] if args.quick else [2, 4, 8, 16]
+    results["scaling"] = scaling(base, counts, 800, 2 if args.quick else 3, args.workspace)
+
+    targets = {"loop_ratio": (">=", 0.9), "round_overhead_ratio": ("<=", 1.15), "bytes_fraction": ("<=", 0.02)}
+    rows = [("loop_ratio", results["loop_ratio"]), ("round_overhead_ratio", results["round_overhead_ratio"]),
+            ("startup_s", results["startup_s"]), ("bytes_fraction (ViT-S)", results["bytes_fraction"]),
+            ("sent / global-adapter floor (EfficientNet)", results["efficientnet"]["sent_over_floor"]),
+            ("sent / global-adapter floor (ViT-S)", results["vit_s"]["sent_over_floor"]),
+            ("peak_rss_mb / bare_peak_rss_mb", round(results["peak_rss_mb"] / results["bare_peak_rss_mb"], 3)),
+            ("scaling (sites: s/round)", results["scaling"])]
+    print("\n| measure | value | target |\n|---|---|---|")
+    for name, value in rows:
+        key = name.split(" ")[0]
+        target = targets.get(key)
+        mark = ""
+        if target and isinstance(value, (int, float)):
+            ok = value >= target[1] if target[0] == ">=" else value <= target[1]
+            mark = f"{target[0]} {target[1]} ({'met' if ok else 'missed'})"
+        elif "floor" in name:
+            mark = "<= 1.05 (" + ("met" if value <= 1.05 else "missed") + ")"
+        elif name.startswith("peak_rss"):
+            mark = "<= 1.3 (" + ("met" if value <= 1.3 else "missed") + ")"
+        print(f"| {name} | {value} | {mark} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten: {os.path.join(args.out, 'summary.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
