@@ -198,7 +198,7 @@ class Bench:
         st = self.base.bench.studies
         if st is None:
             return {}
-        seeds = self.base.bench.seeds
+        seeds = st.seeds or self.base.bench.seeds
         out: dict[str, list[tuple[str, list[RunSpec]]]] = {}
         for method in dict.fromkeys(st.lambda_methods + st.methods):
             d = default_spec(self.base, method, 0, lrs.get(method, self.base.bench.lr_grid[0]))
@@ -243,6 +243,14 @@ class Bench:
         main = {m: [run(s) for s in runs] for m, runs in self.main_specs(self.chosen_lr).items()}
         studies = {name: [(label, [run(s) for s in runs]) for label, runs in values]
                    for name, values in self.study_specs(self.chosen_lr).items()}
+        st = self.base.bench.studies
+        if st is not None and 0.0 not in st.orth_lambda and "dual_lora" in main:
+            # lambda = 0 is dual_lora: its main-table runs (at its own tuned lr) stand in for that row
+            seeds = set(st.seeds or b.seeds)
+            zero = [r for r in main["dual_lora"] if r["spec"]["seed"] in seeds]
+            for name in studies:
+                if name.endswith(": lambda"):
+                    studies[name].insert(0, ("0 (dual_lora)", zero))
         return {"main": main, "studies": studies}
 
 

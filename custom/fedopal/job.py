@@ -70,16 +70,29 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
         def _get_controller_kwargs(self):
             return {"start_round": self.start_round} if self.start_round else {}
 
+        def _create_controller(self, persistor_id, model_params, model_aggregator):
+            from fedopal.controller import FedOpalFedAvg
+
+            return FedOpalFedAvg(
+                num_clients=self.min_clients, num_rounds=self.num_rounds, persistor_id=persistor_id,
+                model=model_params, save_filename=self.save_filename, aggregator=model_aggregator,
+                stop_cond=self.stop_cond, patience=self.patience, task_name="train", exclude_vars=self.exclude_vars,
+                aggregation_weights=self.aggregation_weights, memory_gc_rounds=self.server_memory_gc_rounds,
+                enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+                min_responses=min_clients if min_clients < cfg.federation.num_sites else 0,
+                straggler_wait=cfg.federation.straggler_wait_s, **self._get_controller_kwargs())
+
     spec = get_method(cfg.train.method, cfg.model.head)
     config = job_dict(cfg)
     config_file = _stage_config(cfg, staging)
     start_round = resume[1] + 1 if resume else 0
+    min_clients = cfg.federation.min_clients or cfg.federation.num_sites
     recipe = FedOpalRecipe(
         start_round=start_round,
         initial_ckpt=resume[0] if resume else None,
         name=cfg.name,
         model={"class_path": "fedopal.server_model.GlobalStateModel", "args": {"config": config}},
-        min_clients=cfg.federation.min_clients or cfg.federation.num_sites,
+        min_clients=min_clients,
         num_rounds=cfg.train.num_rounds - start_round,
         train_script=SITE_SCRIPT,
         train_args=f"--config {JOB_CONFIG_NAME}" + (" --test-leak-personal" if test_leak_personal else ""),

@@ -1,0 +1,74 @@
+"""A site process dies mid-job: with min_clients below the number of sites the rounds complete with the
+others, and the dead site's personal state stays intact on its disk for when it rejoins."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from fedopal.prepare import build_federation
+from fedopal.report import collect_site_records
+from fedopal.site_state import PERSONAL_FILE, SiteStore, simulation_state_root
+
+from conftest import NPZ, REPO, tiny_config
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")}
+
+
+def site_worker(job_ws, site):
+    """The simulator runs every site in its own `simulator_worker -o <job ws>/<site> --client <site>` process
+    (matched on this job's workspace: other simulations may be running on the machine)."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "nvflare.private.fed.app.simulator.simulator_worker" in cmd and os.path.join(str(job_ws), site) in cmd:
+            return p
+    return None
+
+
+def test_rounds_complete_without_a_dead_site_and_its_state_survives(tmp_path):
+    root = tmp_path / "fed"
+    build_federation(NPZ, str(root), num_sites=3, seed=2, train_per_site=32, val_per_site=12, test_per_site=12,
+                     min_test_per_class=4, min_val_per_class=3)
+    raw = tiny_config(root).model_dump(mode="json")
+    raw["train"].update(num_rounds=4, local_steps=2)
+    raw["federation"] = {"num_sites": 3, "min_clients": 2, "straggler_wait_s": 5}
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    ws = tmp_path / "ws"
+    job_ws = ws / raw["name"]
+    state = simulation_state_root(str(job_ws))
+    proc = subprocess.Popen([sys.executable, "-m", "fedopal.job", "--config", str(config), "--simulate",
+                             "--workspace", str(ws)], env=ENV, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not os.path.isfile(os.path.join(state, "site-3", PERSONAL_FILE)):  # site-3 finished a round
+            assert proc.poll() is None and time.time() < deadline, "site-3 never finished a round"
+            time.sleep(0.2)
+        worker = site_worker(job_ws, "site-3")
+        assert worker is not None
+        worker.kill()  # the hospital's machine goes down mid-job
+        saved = torch.load(os.path.join(state, "site-3", PERSONAL_FILE), weights_only=True)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    done = {site: [r["round"] for r in rs] for site, rs in collect_site_records(str(job_ws)).items()}
+    assert done["site-1"] == [0, 1, 2, 3] and done["site-2"] == [0, 1, 2, 3]  # the federation went on
+    assert len(done["site-3"]) < 4
+    with open(job_ws / "server" / "simulate_job" / "app_server" / "fedopal_updates.jsonl") as f:
+        received = [json.loads(line) for line in f]
+    last_round = [r["site"] for r in received if r["round"] == 3]
+    assert sorted(last_round) == ["site-1", "site-2"]
+    # the dead site's personal state is intact and loadable: it resumes from it when it rejoins
+    rejoin = SiteStore(os.path.join(state, "site-3")).resume("fedopal_w")
+    assert rejoin["round"] >= saved["round"]
+    assert set(rejoin["state"]) == set(saved["state"])
