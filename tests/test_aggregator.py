@@ -1,6 +1,7 @@
 """Server aggregation over shared keys only, with update validation."""
 
 import numpy as np
+import torch
 import pytest
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 
@@ -70,3 +71,22 @@ def test_round_with_no_accepted_update_keeps_the_global_model(config, shared):
     agg.accept_model(update({"head.weight": np.zeros(3, np.float32)}))
     result = agg.aggregate_model()
     assert result.params_type == ParamsType.DIFF and result.params == {}
+
+
+def test_float16_transfer_halves_the_bytes_and_is_averaged_in_float16():
+    from fedopal.adapters import build_model, nbytes
+    from fedopal.config import config_from_dict
+    from fedopal.methods import get_method
+
+    raw = tiny_config().model_dump(mode="json")
+    raw["federation"]["transfer_dtype"] = "float16"
+    cfg = config_from_dict(raw)
+    model = build_model(cfg, get_method("fedopal_w"), "site-1")
+    fp32, fp16 = model.shared_state(), model.shared_state("float16")
+    assert nbytes(fp16) * 2 == nbytes(fp32) and all(v.dtype == torch.float16 for v in fp16.values())
+    agg = SharedKeyAggregator(cfg.model_dump(mode="json"))
+    agg.accept_model(update({k: v.numpy() for k, v in fp16.items()}, weight=3))
+    agg.accept_model(update({k: v.numpy() for k, v in fp32.items()}, weight=3, site="site-2"))  # wrong dtype
+    result = agg.aggregate_model()
+    assert all(v.dtype == np.float16 for v in result.params.values())
+    assert all(np.allclose(result.params[k], fp16[k].numpy()) for k in fp16)

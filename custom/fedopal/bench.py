@@ -40,22 +40,25 @@ class RunSpec:
     orth_lambda: float
     head: str
     lora_rank: int
+    transfer_dtype: str = "float32"
 
     @property
     def run_id(self) -> str:
         return (f"{self.method}-s{self.seed}-lr{self.lr:g}-lam{self.orth_lambda:g}-head{self.head}"
-                f"-r{self.lora_rank}")
+                f"-r{self.lora_rank}" + ("-fp16" if self.transfer_dtype == "float16" else ""))
 
     def config(self, base: FedOpalConfig) -> FedOpalConfig:
         raw = base.model_dump(mode="json")
         raw["name"] = "bench_" + self.run_id.replace(".", "p")
         raw["train"].update(method=self.method, seed=self.seed, lr=self.lr, orth_lambda=self.orth_lambda)
         raw["model"].update(head=self.head, lora_rank=self.lora_rank)
+        raw["federation"]["transfer_dtype"] = self.transfer_dtype
         return FedOpalConfig.model_validate(raw)
 
 
 def default_spec(base: FedOpalConfig, method: str, seed: int, lr: float) -> RunSpec:
-    return RunSpec(method, seed, lr, base.train.orth_lambda, base.model.head, base.model.lora_rank)
+    return RunSpec(method, seed, lr, base.train.orth_lambda, base.model.head, base.model.lora_rank,
+                   base.federation.transfer_dtype)
 
 
 # -- one run ---------------------------------------------------------------------------------------------
@@ -208,6 +211,7 @@ class Bench:
             if method in st.methods:
                 vary["head"] = [(h, {"head": h}) for h in st.head]
                 vary["rank"] = [(str(r), {"lora_rank": r}) for r in st.lora_rank]
+                vary["transfer dtype"] = [(t, {"transfer_dtype": t}) for t in st.transfer_dtype]
             for study, values in vary.items():
                 out[f"{method}: {study}"] = [
                     (label, [RunSpec(**{**d.__dict__, "seed": s, **change}) for s in seeds])

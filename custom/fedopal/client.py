@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         train_stats = trainer.train_round()
         # (5) evaluate the personalized and the global-only model on this site's val/test split
         metrics = trainer.evaluate()
-        shared = model.shared_state()
+        shared = model.shared_state(cfg.federation.transfer_dtype)
         outgoing = {**shared, **model.site_state()} if args.test_leak_personal else shared
         store.save_personal(model.site_state(), round_num, spec.name, metrics)
         exporter.write(round_num, metrics, input_model.total_rounds)  # <site state>/export/: the usable model

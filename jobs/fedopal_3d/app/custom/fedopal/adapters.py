@@ -112,9 +112,10 @@ class FedOpalModel(nn.Module):
     def trainable_keys(self) -> list[str]:
         return [k for k in self.state_dict() if self.spec.is_trainable(k)]
 
-    def shared_state(self) -> dict[str, torch.Tensor]:
-        """What leaves the site: exactly the spec's shared groups."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if self.spec.is_shared(k)}
+    def shared_state(self, transfer_dtype: str = "float32") -> dict[str, torch.Tensor]:
+        """What leaves the site: exactly the spec's shared groups (floating tensors in the transfer dtype)."""
+        return {k: to_transfer_dtype(v.detach().clone(), transfer_dtype)
+                for k, v in self.state_dict().items() if self.spec.is_shared(k)}
 
     def site_state(self) -> dict[str, torch.Tensor]:
         """What a site keeps: trained tensors that are not shared (personal adapter, personal head, ...)."""
@@ -155,6 +156,11 @@ class FedOpalModel(nn.Module):
                 if "personal" in layer.lora_A:
                     nn.init.kaiming_uniform_(layer.lora_A["personal"].weight, a=math.sqrt(5), generator=gen)
                     nn.init.zeros_(layer.lora_B["personal"].weight)
+
+
+def to_transfer_dtype(tensor: torch.Tensor, transfer_dtype: str) -> torch.Tensor:
+    """float16 transfer halves the bytes on the wire; integer buffers (BatchNorm counters) are left alone."""
+    return tensor.to(torch.float16) if transfer_dtype == "float16" and tensor.is_floating_point() else tensor
 
 
 def count_params(state: dict) -> int:

@@ -18,7 +18,7 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
-from fedopal.adapters import nbytes
+from fedopal.adapters import nbytes, to_transfer_dtype
 from fedopal.methods import NOTHING_SHARED_KEY
 
 UPDATES_LOG = "fedopal_updates.jsonl"
@@ -71,7 +71,8 @@ class SharedKeyAggregator(ModelAggregator):
 
             shared = shared_state_from_config(self.config)
             shared.pop(NOTHING_SHARED_KEY, None)  # a placeholder no site sends
-            self._expected = expected_spec(shared)
+            dtype = self.config.get("federation", {}).get("transfer_dtype", "float32")
+            self._expected = expected_spec({k: to_transfer_dtype(v, dtype) for k, v in shared.items()})
         return self._expected
 
     def reset_stats(self):

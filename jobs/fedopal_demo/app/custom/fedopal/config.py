@@ -103,6 +103,8 @@ class FederationConfig(_Section):
     num_sites: int = Field(4, ge=1, le=1000)
     min_clients: Optional[int] = Field(None, ge=1, description="sites that must answer for a round to close; "
                                                                 "default: num_sites")
+    transfer_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the shared tensors a site sends (float16 halves the bytes)")
     straggler_wait_s: int = Field(600, ge=0, description="with min_clients < num_sites: seconds a round waits for the "
                                                          "other sites after min_clients answered")
     site_names: Optional[list[str]] = Field(None, description="default: site-1 .. site-N")
@@ -119,6 +121,7 @@ class StudiesConfig(_Section):
     methods: list[str] = Field(["fedopal_w"], description="methods whose head mode and rank are varied")
     head: list[Literal["shared", "personal"]] = Field(["shared", "personal"])
     lora_rank: list[int] = Field([4, 8, 16])
+    transfer_dtype: list[Literal["float32", "float16"]] = Field(["float32", "float16"])
     seeds: Optional[list[int]] = Field(None, description="seeds of the study runs; default: the bench's seeds")
 
 
