@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick export poc clean
+.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick latejoin export poc clean
 
 .venv venv: $(STAMP)
 
@@ -55,6 +55,25 @@ bench: prepare
 
 bench-quick: prepare
 	$(PY) -m fedopal.bench --config app_configs/bench.yaml --quick
+
+bench-3d: prepare-3d
+	$(PY) -m fedopal.bench --config app_configs/bench_3d.yaml
+
+# what FLARE adds on top of the compute (README "Performance")
+perf: prepare
+	$(PY) -m fedopal.perf --config app_configs/demo.yaml
+
+# A hospital joining later (README "Use your trained models"): 5 sites on disk, the demo job trains on sites 1-4,
+# then site-5 compares the global model as is, late join and local-only training (3 seeds; a 40-image site too)
+LATEJOIN_WS := workspace/latejoin
+LATEJOIN_GLOBAL := $(LATEJOIN_WS)/fedopal_latejoin/server/simulate_job/app_server/FL_global_model.pt
+LATEJOIN_ARGS := --config app_configs/demo.yaml --global-model $(LATEJOIN_GLOBAL) --site-dir $(LATEJOIN_WS)/federation/site-5 --seeds 0 1 2
+latejoin: $(STAMP)
+	$(PY) -m fedopal.prepare --npz data/medmnist/pneumoniamnist.npz --out $(LATEJOIN_WS)/federation --sites 5 --seed 0
+	$(PY) -m fedopal.job --config app_configs/demo.yaml --simulate --workspace $(LATEJOIN_WS) --set name=fedopal_latejoin \
+		--set data.root=$(LATEJOIN_WS)/federation --set federation.num_sites=4 --results results/latejoin/federation
+	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --out results/latejoin
+	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --train-limit 40 --out results/latejoin/small_site
 
 # regenerate every committed job folder (tests/test_jobs.py fails on drift)
 export: $(STAMP)

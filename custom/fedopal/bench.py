@@ -184,7 +184,8 @@ class Bench:
         cached = os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json"))
         elapsed = time.time() - self.started
         print(f"[{self.done}/{total}] {spec.method:<12} seed {spec.seed}  lr {spec.lr:g}  lambda {spec.orth_lambda:g}"
-              f"  head {spec.head}  r {spec.lora_rank}{'  (cached)' if cached else ''}   elapsed {elapsed / 60:.1f} min",
+              f"  head {spec.head}  r {spec.lora_rank}{' float16' if spec.transfer_dtype == 'float16' else ''}"
+              f"{'  (cached)' if cached else ''}   elapsed {elapsed / 60:.1f} min",
               flush=True)
         return run_once(self.base, spec, self.runs_dir, self.workspace)
 
