@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick latejoin export poc clean
+.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick bench-3d perf latejoin export poc clean
 
 .venv venv: $(STAMP)
 
