@@ -27,9 +27,6 @@ from fedopal.site_state import SiteStore
 from fedopal.train import SiteTrainer
 from fedopal.validate import check_site
 
-KEY_METRIC = "personalized/val/balanced_accuracy"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="fedopal_job.json", help="relative to the app's custom/ folder")
