@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedopal.export import ADAPTERS, MANIFEST, export_site_model
-from fedopal.latejoin import main
+from fedopal.data import read_manifest
+from fedopal.latejoin import limit_train, main
 from fedopal.methods import get_method
 from fedopal.predict import main as predict_main
 
@@ -44,18 +45,20 @@ def test_late_joiner_keeps_the_global_adapter_frozen_and_learns_its_own(small_fe
     assert main(["--global-model", str(global_path), "--config", str(config), "--site-dir", str(site_dir),
                  "--out", str(out)]) == 0
     assert "site-2 joined: test balanced accuracy" in capsys.readouterr().out
-    best = out / "export" / "best" / "personalized"
-    tensors = load_file(best / ADAPTERS)
+    last = out / "export" / "last" / "personalized"
+    tensors = load_file(last / ADAPTERS)
     global_keys = [k for k in shared if ".global." in k]
     assert global_keys and all(torch.equal(tensors[k], shared[k]) for k in global_keys)  # frozen
     assert any(tensors[k].abs().sum() > 0 for k in tensors if ".lora_B.personal." in k)  # B left zero: it trained
     assert not torch.equal(tensors["head.weight"], shared["head.weight"])  # the head started global, then trained
-    manifest = json.load(open(best / MANIFEST))
+    manifest = json.load(open(last / MANIFEST))
     assert manifest["method"] == "late_join" and manifest["site"] == "site-2"
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["round"] for r in records] == [0, 1] and all(r["bytes_sent"] == 0 for r in records)
+    # round -1: the starting model (the global model, exactly), so that validation may choose not to train
+    assert [r["round"] for r in records] == [-1, 0, 1] and all(r["bytes_sent"] == 0 for r in records)
+    assert records[0]["personalized/test/auc"] == pytest.approx(records[0]["global_only/test/auc"])
     # the late joiner's model is a site export like any other
-    assert predict_main(["--model", str(best), "--manifest", str(site_dir / "manifest.csv"), "--split", "test",
+    assert predict_main(["--model", str(out / "export" / "best" / "personalized"), "--manifest", str(site_dir / "manifest.csv"), "--split", "test",
                          "--out", str(tmp_path / "pred.csv")]) == 0
 
 
@@ -64,7 +67,7 @@ def test_a_global_only_export_brings_its_own_config(small_federation, federation
     out = tmp_path / "joined"
     assert main(["--global-model", views["global_only"], "--site-dir", str(small_federation[0] / "site-2"),
                  "--out", str(out), "--set", "train.num_rounds=1"]) == 0
-    assert len(open(out / "metrics.jsonl").readlines()) == 1
+    assert len(open(out / "metrics.jsonl").readlines()) == 2  # before training, round 1
 
 
 def test_compare_reports_global_only_late_join_and_local_only(small_federation, federation_global, tmp_path):
@@ -72,8 +75,9 @@ def test_compare_reports_global_only_late_join_and_local_only(small_federation, 
     out = tmp_path / "compare"
     assert main(["--compare", "--global-model", str(global_path), "--config", str(config), "--site-dir",
                  str(small_federation[0] / "site-2"), "--out", str(out), "--seeds", "0", "1",
-                 "--set", "train.num_rounds=1"]) == 0
+                 "--set", "train.num_rounds=1", "--train-limit", "12"]) == 0
     summary = json.load(open(out / "compare.json"))
+    assert summary["train_images"] == 12
     assert [len(summary["results"][k]) for k in ("global_only", "late_join", "local")] == [1, 2, 2]
     # a fair comparison: the same tensors train (personal adapter + head); only the frozen global adapter differs
     assert summary["results"]["late_join"][0]["trainable_params"] == summary["results"]["local"][0]["trainable_params"]
@@ -82,6 +86,15 @@ def test_compare_reports_global_only_late_join_and_local_only(small_federation, 
         assert row in table
     # the global model was exported, and the predict path scored it on the new site's test split
     assert os.path.isfile(out / "global_model" / MANIFEST)
+
+
+def test_a_smaller_hospital_keeps_every_class_and_the_same_subset_for_every_run(small_federation):
+    samples = read_manifest(str(small_federation[0] / "site-1" / "manifest.csv"), 2)
+    small = limit_train(samples, 10)
+    train = [s for s in small if s.split == "train"]
+    assert abs(len(train) - 10) <= 1 and {s.label for s in train} == {0, 1}
+    assert [s for s in small if s.split != "train"] == [s for s in samples if s.split != "train"]
+    assert limit_train(samples, 10) == small
 
 
 @pytest.mark.parametrize("case,expected", [

@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -115,9 +116,11 @@ def group_of_safe(key: str) -> str:
 
 def train_site(cfg: FedOpalConfig, method: str, site: str, datasets: dict, global_tensors: dict | None = None,
                source: str = "", out: str | None = None, log=print) -> dict:
-    """cfg.train.num_rounds rounds of local training, evaluated after each; the federation's selection rule
-    (report.site_row: test at the best validation round). out: a site state folder (metrics, personal state, export).
-    """
+    """cfg.train.num_rounds rounds of local training, evaluated before the first and after each; the federation's
+    selection rule (report.site_row: test at the best validation round). The evaluation before training (round -1,
+    reported as best round 0) lets validation say "keep the starting model": for a late joiner that is exactly the
+    global model, since the personal adapter starts with B = 0. out: a site state folder (metrics, personal state,
+    export)."""
     spec = get_method(method, cfg.model.head)
     model = build_model(cfg, spec, site_name=site)
     if global_tensors is not None:
@@ -129,9 +132,10 @@ def train_site(cfg: FedOpalConfig, method: str, site: str, datasets: dict, globa
     run_id = f"{method}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
     exporter = SiteExporter(model, cfg, out, site, datasets["train"], run_id=run_id) if out else None
     records, start = [], time.time()
-    for round_num in range(cfg.train.num_rounds):
+    for round_num in range(-1, cfg.train.num_rounds):
         t0 = time.time()
-        stats = trainer.train_round()
+        stats = trainer.train_round() if round_num >= 0 else {"task_loss": math.nan, "orth_loss": math.nan,
+                                                              "steps": 0, "train_s": 0.0}
         metrics = trainer.evaluate()
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": 0, "trainable_params": trainable, "wall_s": round(time.time() - t0, 3),
@@ -142,15 +146,31 @@ def train_site(cfg: FedOpalConfig, method: str, site: str, datasets: dict, globa
             store.append_metrics(record)
             exporter.write(round_num, metrics, cfg.train.num_rounds)
         log(f"  {spec.name} seed {cfg.train.seed} round {round_num + 1}/{cfg.train.num_rounds}: task loss "
-            f"{stats['task_loss']:.3f}, val bal. acc. {metrics['personalized/val/balanced_accuracy']:.3f}")
+            f"{stats['task_loss']:.3f}, val bal. acc. {metrics['personalized/val/balanced_accuracy']:.3f}"
+            + ("  (before training)" if round_num < 0 else ""))
     return {"method": spec.name, "seed": cfg.train.seed, "wall_s": round(time.time() - start, 1),
             **site_row(site, records)}
 
 
-def site_data(cfg: FedOpalConfig, site_dir: str) -> tuple[str, dict]:
+def limit_train(samples: list, limit: int, seed: int = 0) -> list:
+    """Keep `limit` training samples, stratified by class (at least one each), the same subset for every method and
+    seed: a smaller hospital. Validation and test are untouched."""
+    train = [s for s in samples if s.split == "train"]
+    by_class: dict[int, list] = {}
+    for s in train:
+        by_class.setdefault(s.label, []).append(s)
+    rng = random.Random(seed)
+    kept = [x for label, items in sorted(by_class.items())
+            for x in rng.sample(items, min(len(items), max(1, round(limit * len(items) / len(train)))))]
+    return [s for s in samples if s.split != "train"] + kept
+
+
+def site_data(cfg: FedOpalConfig, site_dir: str, train_limit: int | None = None) -> tuple[str, dict]:
     """(manifest path, cached datasets) for one site folder; every model of one config shares the pipeline."""
     manifest = os.path.join(site_dir, cfg.data.manifest)
     samples = read_manifest(manifest, cfg.data.num_classes)
+    if train_limit:
+        samples = limit_train(samples, train_limit)
     probe = build_model(cfg, get_method("local"))  # the backbone's input channels and normalization
     return manifest, build_datasets(cfg.data, samples, probe.in_channels, probe.normalization, manifest)
 
@@ -179,10 +199,11 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
 
-def compare(cfg: FedOpalConfig, global_path: str, site_dir: str, seeds: list[int], out: str, log=print) -> dict:
+def compare(cfg: FedOpalConfig, global_path: str, site_dir: str, seeds: list[int], out: str,
+            train_limit: int | None = None, log=print) -> dict:
     tensors, _, round_num = load_global_model(global_path)
     site = os.path.basename(os.path.normpath(site_dir))
-    manifest, datasets = site_data(cfg, site_dir)
+    manifest, datasets = site_data(cfg, site_dir, train_limit)
     start = time.time()
     results: dict[str, list[dict]] = {"global_only": [], "late_join": [], "local": []}
     if "head" in {group_of(k) for k in tensors}:
@@ -200,6 +221,7 @@ def compare(cfg: FedOpalConfig, global_path: str, site_dir: str, seeds: list[int
         results["local"].append(train_site(seeded, "local", site, datasets, log=log))
     summary = {"site": site, "site_dir": os.path.abspath(site_dir), "global_model": os.path.abspath(global_path),
                "global_round": round_num, "seeds": seeds, "budget": budget_text(cfg), "lr": cfg.train.lr,
+               "train_images": len(datasets["train"]),
                "results": results, "wall_s": round(time.time() - start, 1)}
     summary["markdown"] = compare_table(summary, cfg)
     os.makedirs(out, exist_ok=True)
@@ -216,8 +238,8 @@ def budget_text(cfg: FedOpalConfig) -> str:
 
 
 def compare_table(summary: dict, cfg: FedOpalConfig) -> str:
-    lines = [f"### Late joiner {summary['site']}: {cfg.model.backbone}, r={cfg.model.lora_rank}, "
-             f"{summary['budget']}, lr {cfg.train.lr:g}, seeds {summary['seeds']}", "",
+    lines = [f"### Late joiner {summary['site']} ({summary['train_images']} training images): {cfg.model.backbone}, "
+             f"r={cfg.model.lora_rank}, {summary['budget']}, lr {cfg.train.lr:g}, seeds {summary['seeds']}", "",
              "| model on the new site | bal. acc. (test) | accuracy | AUC | best val round | trained params |",
              "|---|---|---|---|---|---|"]
     for key, label in ROWS:
@@ -229,8 +251,9 @@ def compare_table(summary: dict, cfg: FedOpalConfig) -> str:
                      f"{_mean_sd([r['accuracy'] for r in runs])} | {_mean_sd([r['auc'] for r in runs])} | "
                      f"{'-' if key == 'global_only' else ', '.join(map(str, rounds))} | "
                      f"{runs[0]['trainable_params']:,} |")
-    lines += ["", "Test metrics at the best-validation round (mean ± sd over seeds); the global model is evaluated "
-              f"as is. Wall time {summary['wall_s']:.0f} s."]
+    lines += ["", "Test metrics at the best-validation round (mean ± sd over seeds; round 0 = the model before "
+              "training); the global model is evaluated as is. Wall time "
+              f"{summary['wall_s']:.0f} s."]
     return "\n".join(lines)
 
 
@@ -246,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--site-name", help="default: the site folder's name (seeds the personal adapter)")
     p.add_argument("--compare", action="store_true", help="global model vs late join vs local only, on test")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: train.seed")
+    p.add_argument("--train-limit", type=int, default=None, metavar="N",
+                   help="--compare: use only N of the site's training images (stratified), as a smaller hospital")
     args = p.parse_args(argv)
     try:
         tensors, stored_cfg, _ = load_global_model(args.global_model)
@@ -260,10 +285,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg.train.threads)
         seeds = args.seeds or [cfg.train.seed]
         if args.compare:
-            summary = compare(cfg, args.global_model, args.site_dir, seeds, args.out)
+            summary = compare(cfg, args.global_model, args.site_dir, seeds, args.out, args.train_limit)
             print(summary["markdown"])
             print(f"written: {os.path.join(args.out, 'compare.md')} and compare.json")
             return 0
+        if args.train_limit:
+            raise ConfigError("--train-limit only simulates a smaller site in --compare. Fix: drop it, or add "
+                              "--compare.")
         if os.path.isfile(os.path.join(args.out, METRICS_FILE)):
             raise LateJoinError(f"{args.out}: already holds a run ({METRICS_FILE}). Fix: choose another --out, "
                                 "or move that folder away.")

@@ -150,7 +150,9 @@ def main(argv=None) -> int:
     except OSError as err:
         print(f"error: cannot write {args.out} ({err.strerror}). Fix: choose a writable --out path.", file=sys.stderr)
         return 2
-    where = f"{manifest.get('site') or 'site'} {manifest['view']}, {manifest['method']}, round {manifest['round'] + 1}"
+    round_num = manifest.get("round")
+    where = f"{manifest.get('site') or 'site'} {manifest['view']}, {manifest['method']}" + (
+        f", round {round_num + 1}" if isinstance(round_num, int) else "")
     print(f"{len(samples)} predictions from {where} ({'merged' if args.merged else 'adapters'}) -> {args.out}")
     metrics = labelled_metrics(samples, probs)
     if metrics:
