@@ -67,10 +67,12 @@ perf: prepare
 # then site-5 compares the global model as is, late join and local-only training (3 seeds; a 40-image site too)
 LATEJOIN_WS := workspace/latejoin
 LATEJOIN_GLOBAL := $(LATEJOIN_WS)/fedopal_latejoin/server/simulate_job/app_server/FL_global_model.pt
-LATEJOIN_ARGS := --config app_configs/demo.yaml --global-model $(LATEJOIN_GLOBAL) --site-dir $(LATEJOIN_WS)/federation/site-5 --seeds 0 1 2
+# the late-joiner table in the README was made with a shared head and an unweighted loss: pinned here
+LATEJOIN_SET := --set model.head=shared --set train.class_weights=none
+LATEJOIN_ARGS := --config app_configs/demo.yaml $(LATEJOIN_SET) --global-model $(LATEJOIN_GLOBAL) --site-dir $(LATEJOIN_WS)/federation/site-5 --seeds 0 1 2
 latejoin: $(STAMP)
 	$(PY) -m fedopal.prepare --npz data/medmnist/pneumoniamnist.npz --out $(LATEJOIN_WS)/federation --sites 5 --seed 0
-	$(PY) -m fedopal.job --config app_configs/demo.yaml --simulate --workspace $(LATEJOIN_WS) --set name=fedopal_latejoin \
+	$(PY) -m fedopal.job --config app_configs/demo.yaml $(LATEJOIN_SET) --simulate --workspace $(LATEJOIN_WS) --set name=fedopal_latejoin \
 		--set data.root=$(LATEJOIN_WS)/federation --set federation.num_sites=4 --results results/latejoin/federation
 	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --out results/latejoin
 	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --train-limit 40 --out results/latejoin/small_site

@@ -29,7 +29,7 @@ def tiny_config(root=".", **train):
     raw = {
         "name": "fedopal_tiny_test",
         "data": {"root": str(root), "image_size": 32, "in_channels": 1, "num_classes": 2, "batch_size": 16},
-        "model": {"backbone": "monai_vit", "pretrained": False, "lora_rank": 4, "lora_alpha": 8,
+        "model": {"backbone": "monai_vit", "pretrained": False, "lora_rank": 4, "lora_alpha": 8, "head": "shared",
                   "vit": {"patch_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 3}},
         "train": {"method": "fedopal_w", "num_rounds": 2, "local_steps": 2, "lr": 1e-3, **train},
         "federation": {"num_sites": 2},

@@ -81,7 +81,7 @@ def test_float16_transfer_halves_the_bytes_and_is_averaged_in_float16():
     raw = tiny_config().model_dump(mode="json")
     raw["federation"]["transfer_dtype"] = "float16"
     cfg = config_from_dict(raw)
-    model = build_model(cfg, get_method("fedopal_w"), "site-1")
+    model = build_model(cfg, get_method("fedopal_w", cfg.model.head), "site-1")
     fp32, fp16 = model.shared_state(), model.shared_state("float16")
     assert nbytes(fp16) * 2 == nbytes(fp32) and all(v.dtype == torch.float16 for v in fp16.values())
     agg = SharedKeyAggregator(cfg.model_dump(mode="json"))

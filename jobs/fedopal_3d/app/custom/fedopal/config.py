@@ -65,7 +65,8 @@ class ModelConfig(_Section):
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Optional[str] = Field(None, description="regex over module names; default: per backbone")
-    head: Literal["shared", "personal"] = Field("shared", description="where the task head lives (dual methods)")
+    head: Literal["shared", "personal"] = Field(
+        "personal", description="where the task head lives (dual methods); personal won the benchmark's head study")
 
 
 class TrainConfig(_Section):
