@@ -104,6 +104,8 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
         # Defense in depth: whatever the site script does, only shared keys leave the site, on every task.
         recipe.add_client_output_filter(SharedOnlyFilter(shared_pattern=spec.shared_pattern()), tasks=["*"])
     set_recipe_meta(recipe, JobMetaKey.SCOPE, PRIVACY_SCOPE)
+    # Between rounds, sites poll for the next task; FLARE's 2 s answer "try again later" cost ~2.5 s a round.
+    recipe.add_server_config({"server": {"task_request_interval": cfg.federation.task_request_interval_s}})
     add_experiment_tracking(recipe, "tensorboard")
     return recipe
 

@@ -104,6 +104,9 @@ class FederationConfig(_Section):
     num_sites: int = Field(4, ge=1, le=1000)
     min_clients: Optional[int] = Field(None, ge=1, description="sites that must answer for a round to close; "
                                                                 "default: num_sites")
+    task_request_interval_s: float = Field(
+        0.25, gt=0, le=60, description="how soon a site asks again when the server has no task yet (FLARE's "
+                                       "default, 2 s, idles every site about 2 s per round)")
     transfer_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of the shared tensors a site sends (float16 halves the bytes)")
     straggler_wait_s: int = Field(600, ge=0, description="with min_clients < num_sites: seconds a round waits for the "
