@@ -1,7 +1,6 @@
 """Property tests: whatever a site sends, a bad update is rejected and the global state does not move."""
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType

@@ -25,8 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fedopal.config import ConfigError, FedOpalConfig, load_config
-from fedopal.methods import get_method
+from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.report import collect_site_records
 
 EVALS = ("personalized", "global_only")
@@ -63,7 +62,7 @@ def default_spec(base: FedOpalConfig, method: str, seed: int, lr: float) -> RunS
 
 # -- one run ---------------------------------------------------------------------------------------------
 
-def _received_bytes(job_ws: str) -> dict[str, float]:
+def received_bytes(job_ws: str) -> dict[str, float]:
     """Mean bytes per round that the server actually received from each site (0 if it never sent)."""
     path = os.path.join(job_ws, "server", "simulate_job", "app_server", "fedopal_updates.jsonl")
     per_site: dict[str, list[int]] = {}
@@ -87,7 +86,7 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str) 
     job_ws = simulate(cfg, workspace)
     wall = time.time() - start
     result = {"run_id": spec.run_id, "spec": spec.__dict__, "wall_s": round(wall, 1),
-              "sites": collect_site_records(job_ws), "bytes_received": _received_bytes(job_ws)}
+              "sites": collect_site_records(job_ws), "bytes_received": received_bytes(job_ws)}
     os.makedirs(runs_dir, exist_ok=True)
     tmp = cache + ".tmp"
     with open(tmp, "w") as f:
@@ -399,9 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = p.parse_args(argv)
     try:
-        import yaml
-
-        overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+        overrides = parse_overrides(args.set)
         if args.quick:
             overrides.update({"bench.lr_grid": None, "bench.studies": None, "train.num_rounds": 2,
                               "bench.out_dir": None})

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fedopal.backbones import build_backbone
-from fedopal.config import ConfigError, FedOpalConfig, config_from_dict, job_dict
+from fedopal.config import ConfigError, FedOpalConfig, config_with_overrides, job_dict
 from fedopal.methods import MethodSpec, get_method, group_of
 
 FORMAT = "fedopal-export/1"
@@ -325,18 +325,6 @@ def read_tensors(folder: str, name: str, manifest: dict) -> dict[str, torch.Tens
     except (SafetensorError, OSError, ValueError) as err:
         raise ExportError(f"{path}: not a readable safetensors file ({err}). Fix: copy the export again, "
                           "or re-export it from the site's state folder.") from None
-
-
-def config_with_overrides(raw: dict, overrides: dict | None, source: str) -> FedOpalConfig:
-    """A stored config (an export's, a job's) with dotted-key overrides, validated like a YAML file."""
-    raw = copy.deepcopy(raw)
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config_from_dict(raw, source=source)
 
 
 def export_config(folder: str, manifest: dict, overrides: dict | None = None) -> FedOpalConfig:

@@ -23,7 +23,7 @@ import threading
 import time
 
 import fedopal
-from fedopal.config import ConfigError, FedOpalConfig, job_dict, load_config
+from fedopal.config import ConfigError, FedOpalConfig, job_dict, load_config, parse_overrides
 from fedopal.methods import get_method
 from fedopal.site_state import simulation_state_root
 
@@ -255,15 +255,7 @@ def main(argv=None) -> int:
     if not (args.export or args.simulate):
         p.error("give --export JOBS_DIR and/or --simulate")
     try:
-        import yaml
-
-        overrides = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.num_rounds=2")
-            overrides[key] = yaml.safe_load(value)
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, parse_overrides(args.set))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,12 +32,12 @@ import torch
 
 from fedopal.adapters import FedOpalModel, build_model, count_params
 from fedopal.backbones import BackboneError
-from fedopal.config import ConfigError, FedOpalConfig, load_config
+from fedopal.config import ConfigError, FedOpalConfig, config_with_overrides, load_config, parse_overrides
 from fedopal.data import DataError, build_datasets, read_manifest
-from fedopal.export import (ADAPTERS, ExportError, SiteExporter, backbone_fingerprint, config_with_overrides,
+from fedopal.export import (ADAPTERS, ExportError, SiteExporter, backbone_fingerprint,
                             read_manifest as read_export_manifest, read_tensors, write_view)
 from fedopal.methods import get_method, group_of
-from fedopal.predict import evaluate_export, parse_overrides
+from fedopal.predict import evaluate_export
 from fedopal.report import site_row
 from fedopal.site_state import METRICS_FILE, SiteStore
 from fedopal.train import SiteTrainer

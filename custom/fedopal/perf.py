@@ -123,7 +123,7 @@ class RssSampler(threading.Thread):
 
 
 def simulate_timed(cfg: FedOpalConfig, workspace: str) -> dict:
-    from fedopal.bench import _received_bytes
+    from fedopal.bench import received_bytes
     from fedopal.job import simulate
 
     sampler = RssSampler()
@@ -141,7 +141,7 @@ def simulate_timed(cfg: FedOpalConfig, workspace: str) -> dict:
     return {
         "startup_s": first_start - t0,
         "round_s": (last_end - first_start) / rounds,
-        "bytes_received": _received_bytes(job_ws),
+        "bytes_received": received_bytes(job_ws),
         "peak_rss": site_workers or sampler.peak,
         "job_ws": job_ws,
     }

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedopal.backbones import BackboneError
-from fedopal.config import ConfigError
+from fedopal.config import ConfigError, parse_overrides
 from fedopal.data import UNLABELED, DataError, Sample, build_inference_dataset, find_inputs, loader, read_input_manifest
 from fedopal.export import ExportError, load_exported
 from fedopal.train import classification_metrics
@@ -103,18 +103,6 @@ def write_predictions(path: str, samples: list[Sample], probs: np.ndarray) -> No
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.checkpoint=/models/vit.pt")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
 
 
 def main(argv=None) -> int:

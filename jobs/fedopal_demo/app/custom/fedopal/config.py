@@ -6,6 +6,7 @@ line naming the file, the key, what is allowed, and the fix.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Literal, Optional
 
@@ -212,6 +213,29 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FedOpalConfig:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """CLI `--set KEY=VALUE` items -> {dotted key: value parsed as YAML}."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.num_rounds=2")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def config_with_overrides(raw: dict, overrides: Optional[dict], source: str) -> FedOpalConfig:
+    """A raw config (a YAML file's, an export's, a job's) with dotted-key overrides, validated."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config_from_dict(raw, source=source)
+
+
 def load_config(path: str, overrides: Optional[dict] = None) -> FedOpalConfig:
     """Read a YAML file into the config object; `overrides` maps dotted keys to values (CLI --set)."""
     if not os.path.isfile(path):
@@ -223,13 +247,7 @@ def load_config(path: str, overrides: Optional[dict] = None) -> FedOpalConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)}). Fix the syntax.") from None
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config_from_dict(raw, source=path)
+    return config_with_overrides(raw, overrides, source=path)
 
 
 def job_dict(cfg: FedOpalConfig) -> dict:
