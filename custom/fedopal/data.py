@@ -10,6 +10,7 @@ import csv
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import (
@@ -180,10 +181,26 @@ def build_transforms(data_cfg, model_in_channels: int, normalization, train: boo
     return Compose(steps)
 
 
+class SeededCacheDataset(CacheDataset):
+    """A CacheDataset whose random transforms are seeded per item, from (`augment_seed`, the item's index).
+
+    An item's augmented image then depends only on the seed, the pass over the data and the item: not on which
+    process or data-loading worker reads it, nor on what was read before. So data.num_workers and DDP processes
+    (train.nproc_per_site) see exactly the images one process would. The trainer sets `augment_seed` before each
+    pass; workers are started per pass and copy it. MONAI's own worker seeding (monai.data.DataLoader) seeds per
+    worker, not per item, which would tie the draws to the number of workers."""
+
+    augment_seed: int = 0
+
+    def _transform(self, index: int):
+        self.transform.set_random_state(seed=int(np.random.SeedSequence([self.augment_seed, index]).generate_state(1)[0]))
+        return super()._transform(index)
+
+
 def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
                    manifest_path: str = "", seed: int = 0) -> dict[str, CacheDataset]:
-    """One CacheDataset per split; the deterministic steps are cached once per job, augmentation runs per epoch
-    from a seeded random state (the same seed gives the same augmented images)."""
+    """One CacheDataset per split; the deterministic steps are cached once per job, augmentation of the training
+    split runs per pass, seeded per item (SeededCacheDataset: the same seed gives the same augmented images)."""
     family = file_format(samples, data_cfg.spatial_dims, manifest_path)
     datasets = {}
     for split in SPLITS:
@@ -192,11 +209,12 @@ def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, norm
                                      family=family)
         transform.set_random_state(seed=seed)
         try:
-            datasets[split] = CacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
-                                           progress=False, copy_cache=False)
+            datasets[split] = SeededCacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
+                                                 progress=False, copy_cache=False)
         except Exception as err:  # MONAI wraps reader errors; name the file for the user
             raise DataError(f"{manifest_path}: could not read an image of the '{split}' split: "
                             f"{_first_line(err)}. Fix: replace or remove the corrupt file.") from None
+        datasets[split].augment_seed = seed
     return datasets
 
 
@@ -205,10 +223,49 @@ def _first_line(err: Exception) -> str:
     return text[-1] if text else type(err).__name__
 
 
-def loader(dataset, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                                       num_workers=0, drop_last=False)
+def shard_sizes(batch_size: int, world: int) -> list[int]:
+    """How a batch of `batch_size` items is split over `world` processes (contiguous parts, numpy's array_split)."""
+    return [len(part) for part in np.array_split(np.arange(batch_size), world)]
+
+
+def batch_sizes(num_items: int, batch_size: int) -> list[int]:
+    """The sizes of the batches of one pass over `num_items` (the last one may be smaller; nothing is dropped)."""
+    return [min(batch_size, num_items - start) for start in range(0, num_items, batch_size)]
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Process `rank`'s part of every batch of `batches` (a BatchSampler): every process draws the same shuffled
+    batches and reads only its own items. A process whose part is empty (a last batch with fewer items than
+    processes) gets the batch's first item, which the trainer weights 0, so that it still joins the gradient
+    all-reduce."""
+
+    def __init__(self, batches: torch.utils.data.BatchSampler, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self):
+        for indices in self.batches:
+            sizes = shard_sizes(len(indices), self.world)
+            start = sum(sizes[:self.rank])
+            yield indices[start:start + sizes[self.rank]] or indices[:1]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def loader(dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
+           shard: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+    """Batches of `dataset` in a seeded order. shard=(rank, world): only this process's part of each batch.
+
+    Nothing here draws from torch's global random state (the order has its own generator, and so has the workers'
+    base seed), so the order, and with SeededCacheDataset the images, do not depend on num_workers."""
+    order = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(dataset, generator=order) if shuffle else \
+        torch.utils.data.SequentialSampler(dataset)
+    batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
+    if shard is not None and shard[1] > 1:
+        batches = ShardedBatches(batches, *shard)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
 
 
 def label_counts(samples: list[Sample], split: str) -> dict[int, int]:

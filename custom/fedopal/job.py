@@ -46,9 +46,31 @@ def _stage_config(cfg: FedOpalConfig, staging: str) -> str:
     return config_file
 
 
+def site_command(cfg: FedOpalConfig, python: str = "python3") -> str | None:
+    """How FLARE starts the site script: None for the in-process Client API (one process per site); with
+    train.nproc_per_site N > 1, torchrun (torch.distributed.run) with N processes, one per GPU, through the Client
+    API's external-process launcher. --standalone picks a free rendezvous port, so sites sharing a machine (the
+    simulator, POC) do not collide."""
+    nproc = cfg.train.nproc_per_site
+    if nproc == 1:
+        return None
+    return f"{python} -u -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node={nproc}"
+
+
+def resource_spec(cfg: FedOpalConfig) -> dict | None:
+    """FLARE's per-site resource request (meta.json `resource_spec`): with train.device cuda or cuda:N, every site
+    must offer train.nproc_per_site GPUs with federation.gpu_mem_gib GiB each, or FLARE does not schedule the job
+    (the site's GPUResourceManager, from `capacity` in project.yml, decides). With device auto or cpu: none."""
+    if not cfg.train.device.startswith("cuda"):
+        return None
+    request = {"num_of_gpus": cfg.train.nproc_per_site, "mem_per_gpu_in_GiB": cfg.federation.gpu_mem_gib}
+    return {site: dict(request) for site in cfg.federation.sites()}
+
+
 def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = False, test_leak_personal: bool = False,
-                 resume: tuple[str, int] | None = None):
+                 resume: tuple[str, int] | None = None, python: str = "python3"):
     """resume: (global checkpoint, its round): continue an aborted job from there (round counter included).
+    python: the interpreter of a multi-process site's torchrun command (the exported job says python3).
     site_filter_only: leave out the job's own result filter (the sites' privacy.json must protect alone).
     test_leak_personal: TEST ONLY, the site script also sends its personal tensors (see client.py).
     Together they make the job that proves a site-enforced filter stops personal tensors by itself."""
@@ -87,6 +109,8 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
     config_file = _stage_config(cfg, staging)
     start_round = resume[1] + 1 if resume else 0
     min_clients = cfg.federation.min_clients or cfg.federation.num_sites
+    command = site_command(cfg, python)
+    launch = {"launch_external_process": True, "command": command} if command else {}
     recipe = FedOpalRecipe(
         start_round=start_round,
         initial_ckpt=resume[0] if resume else None,
@@ -98,12 +122,15 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
         train_args=f"--config {JOB_CONFIG_NAME}" + (" --test-leak-personal" if test_leak_personal else ""),
         aggregator=SharedKeyAggregator(config=config),
         key_metric=KEY_METRIC,
+        **launch,
     )
     recipe.add_client_file(config_file)
     if not site_filter_only:
         # Defense in depth: whatever the site script does, only shared keys leave the site, on every task.
         recipe.add_client_output_filter(SharedOnlyFilter(shared_pattern=spec.shared_pattern()), tasks=["*"])
     set_recipe_meta(recipe, JobMetaKey.SCOPE, PRIVACY_SCOPE)
+    if resource_spec(cfg):
+        set_recipe_meta(recipe, JobMetaKey.RESOURCE_SPEC, resource_spec(cfg))
     # Between rounds, sites poll for the next task; FLARE's 2 s answer "try again later" cost ~2.5 s a round.
     recipe.add_server_config({"server": {"task_request_interval": cfg.federation.task_request_interval_s}})
     add_experiment_tracking(recipe, "tensorboard")
@@ -156,11 +183,13 @@ class ProgressWatcher(threading.Thread):
 
 
 def preflight(cfg: FedOpalConfig) -> None:
-    """Everything that can be checked before FLARE starts: every site's data, and the backbone (weights,
-    checkpoint). Raises DataError / BackboneError with a one-line message; nothing on disk is touched."""
+    """Everything that can be checked before FLARE starts: the device, every site's data, and the backbone (weights,
+    checkpoint). Raises DeviceError / DataError / BackboneError with a one-line message; nothing on disk is touched."""
     from fedopal.adapters import build_model
+    from fedopal.device import check_precision, resolve_device
     from fedopal.validate import check_site
 
+    check_precision(resolve_device(cfg.train.device), cfg.train.precision)
     for site in cfg.federation.sites():
         check_site(cfg, site)
     build_model(cfg, get_method(cfg.train.method, cfg.model.head))
@@ -201,11 +230,15 @@ def resume_point(job_ws: str, state_root: str, num_rounds: int) -> tuple[str, in
     return kept, last_round
 
 
-def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume: bool = False) -> str:
+def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume: bool = False,
+             gpus: str | None = None) -> str:
     """Run the job in the FLARE simulator; returns the job's workspace folder.
 
     Sites keep their state beside it (site_state.simulation_state_root). resume=True continues an aborted
-    or finished job of the same name from its last global checkpoint and each site's last personal state."""
+    or finished job of the same name from its last global checkpoint and each site's last personal state.
+    gpus: FLARE's simulator GPU option, e.g. "0,1" (sites take turns: site-1 on GPU 0, site-2 on GPU 1, site-3 on
+    GPU 0, ...) or "[0,1],[2,3]" (groups, for train.nproc_per_site 2); each site process sees only its group
+    (CUDA_VISIBLE_DEVICES), so train.device auto or cuda picks it as cuda:0."""
     from nvflare.recipe import SimEnv
 
     workspace = os.path.abspath(workspace)
@@ -222,8 +255,8 @@ def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume
     sites = cfg.federation.sites()
     watcher = ProgressWatcher(job_ws, cfg.train.num_rounds)
     with tempfile.TemporaryDirectory() as staging, contextlib.chdir(CUSTOM_ROOT):
-        recipe = build_recipe(cfg, staging, resume=resume_from)
-        env = SimEnv(clients=sites, workspace_root=workspace, log_config="WARNING")
+        recipe = build_recipe(cfg, staging, resume=resume_from, python=sys.executable)
+        env = SimEnv(clients=sites, workspace_root=workspace, log_config="WARNING", gpu_config=gpus)
         watcher.start()
         try:
             recipe.run(env)
@@ -247,6 +280,9 @@ def main(argv=None) -> int:
                    help="continue the job of the same name in --workspace from its last global checkpoint and "
                         "each site's last personal state (after an abort, or with a larger train.num_rounds)")
     p.add_argument("--results", default=None, help="write summary.json/summary.md here after --simulate")
+    p.add_argument("--gpus", default=None, metavar="IDS",
+                   help="--simulate: GPUs for the sites, FLARE's simulator syntax: '0,1' (sites take turns) or "
+                        "'[0,1],[2,3]' (a group per site process, for train.nproc_per_site 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.num_rounds=2 (value parsed as YAML)")
     args = p.parse_args(argv)
@@ -272,19 +308,20 @@ def main(argv=None) -> int:
     if args.simulate:
         from fedopal.backbones import BackboneError
         from fedopal.data import DataError
+        from fedopal.device import DeviceError
         from fedopal.report import summarize, write_summary
 
         os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
         try:
             preflight(cfg)
-        except (DataError, BackboneError) as err:
+        except (DeviceError, DataError, BackboneError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         t0 = time.time()
         print(f"Running {cfg.name} ({cfg.train.method}) in the FLARE simulator: "
               f"{cfg.federation.num_sites} sites, {cfg.train.num_rounds} rounds", flush=True)
         try:
-            job_ws = simulate(cfg, args.workspace, resume=args.resume)
+            job_ws = simulate(cfg, args.workspace, resume=args.resume, gpus=args.gpus)
         except ResumeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

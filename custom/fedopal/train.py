@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from fedopal.adapters import FedOpalModel
-from fedopal.data import loader
+from fedopal.data import batch_sizes, loader, shard_sizes
+from fedopal.device import autocast, grad_scaler, module_device, to_device
 from fedopal.orthogonality import RepresentationOrthogonality, weight_orthogonality
 
 
@@ -41,32 +42,93 @@ class InstanceWeighting:
     """FedDPA's instance-wise dynamic weighting, as we read it (README, "Methods"): the personal adapter's
     weight for a test instance is the mean cosine similarity between its frozen-backbone features and those
     of its k nearest training instances of this site, clipped to [0, 1]; the global adapter keeps weight 1.
-    In-distribution inputs get the personalized model, unfamiliar ones fall back toward the global one."""
+    In-distribution inputs get the personalized model, unfamiliar ones fall back toward the global one.
 
-    def __init__(self, model: FedOpalModel, train_set, batch_size: int, k: int = 5):
-        feats = [model.base_features(b["image"]) for b in loader(train_set, batch_size * 2, shuffle=False)]
+    The feature bank lives on the model's device; inputs are moved there."""
+
+    def __init__(self, model: FedOpalModel, train_set, batch_size: int, k: int = 5, num_workers: int = 0):
+        device = module_device(model)
+        feats = [model.base_features(b["image"].to(device)).float()
+                 for b in loader(train_set, batch_size * 2, shuffle=False, num_workers=num_workers)]
         self.bank = F.normalize(torch.cat(feats), dim=1)  # the backbone is frozen: computed once per job
         self.k = min(k, len(self.bank))
         self.model = model
 
     @torch.no_grad()
     def weights(self, x: torch.Tensor) -> torch.Tensor:
-        sims = F.normalize(self.model.base_features(x), dim=1) @ self.bank.T
+        feats = self.model.base_features(x).float()
+        sims = F.normalize(feats, dim=1) @ self.bank.to(feats.device).T
         return sims.topk(self.k, dim=1).values.mean(dim=1).clamp(0.0, 1.0)
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg, steps_per_round: int, rounds_done: int):
+    """`train.lr_schedule` over the whole federation: num_rounds x steps_per_round optimizer steps, positioned at
+    the start of round `rounds_done` (a new optimizer each round, and after --resume, continues the curve).
+
+    The curves are transformers' get_constant_schedule_with_warmup / get_cosine_schedule_with_warmup (linear
+    warm-up from 0 over warmup_steps, then constant, or a half cosine down to 0); None when neither applies."""
+    if train_cfg.lr_schedule == "constant" and not train_cfg.warmup_steps:
+        return None
+    from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    offset = rounds_done * steps_per_round
+    for group in optimizer.param_groups:  # torch's schedulers start mid-way (last_epoch >= 0) from initial_lr
+        group.setdefault("initial_lr", group["lr"])
+    if train_cfg.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, train_cfg.warmup_steps,
+                                               train_cfg.num_rounds * steps_per_round, last_epoch=offset - 1)
+    return get_constant_schedule_with_warmup(optimizer, train_cfg.warmup_steps, last_epoch=offset - 1)
+
+
+def _groups(items, size: int):
+    """Consecutive groups of `size` items (the last may be shorter): one optimizer step's micro-batches."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 class SiteTrainer:
-    def __init__(self, model: FedOpalModel, datasets: dict, train_cfg, batch_size: int):
-        self.model = model
+    """One site's local training and evaluation, on `device` (model moved there), in `train_cfg.precision`.
+
+    One optimizer step takes grad_accum_steps micro-batches of `batch_size`. Each micro-batch's loss is weighted by
+    its share of the step's images, so a step over N micro-batches of B equals one step over a batch of N x B (for a
+    mean loss; class weights make the task loss a weighted mean, exact only per batch). With `dist` (several
+    processes, DDP), every process reads its part of each batch (data.ShardedBatches) and the same weighting, times
+    the number of processes (DDP averages gradients), makes the step equal to the single-process one."""
+
+    def __init__(self, model: FedOpalModel, datasets: dict, train_cfg, batch_size: int, num_workers: int = 0,
+                 device: torch.device | None = None, dist=None):
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device)
         self.datasets = datasets
         self.cfg = train_cfg
         self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.dist = dist  # distributed.DistContext, or None for a single process
         self.rounds_done = 0
         self._weighting: InstanceWeighting | None = None
+        self._ddp = None
+        if dist is not None:
+            from fedopal.distributed import wrap_ddp
+
+            self._ddp = wrap_ddp(self.model, dist, self.device)
 
     @property
     def num_train_samples(self) -> int:
         return len(self.datasets["train"])
+
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps per round: local_steps, or local_epochs passes of ceil(batches / grad_accum_steps)."""
+        if self.cfg.local_steps:
+            return self.cfg.local_steps
+        batches = math.ceil(self.num_train_samples / self.batch_size)
+        return self.cfg.local_epochs * math.ceil(batches / self.cfg.grad_accum_steps)
 
     def _class_weights(self, num_classes: int) -> torch.Tensor | None:
         """Inverse class frequency of this site's training split (absent classes get weight 0)."""
@@ -75,58 +137,95 @@ class SiteTrainer:
         labels = torch.tensor([int(item["label"]) for item in self.datasets["train"].data])
         counts = torch.bincount(labels, minlength=num_classes).float()
         weights = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
-        return weights
+        return weights.to(self.device)
 
-    def _orth_loss(self, rep: RepresentationOrthogonality | None) -> torch.Tensor | None:
-        regularizer = self.model.spec.regularizer
-        if regularizer == "weight":
-            return weight_orthogonality(self.model.lora_layers(), self.cfg.orth_on, self.cfg.orth_normalize)
-        if regularizer == "representation":
-            return rep.loss()
-        return None
+    def _loader(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, shard: bool = False):
+        return loader(self.datasets[split], batch_size, shuffle, seed=seed, num_workers=self.num_workers,
+                      pin_memory=self.device.type == "cuda",
+                      shard=(self.dist.rank, self.dist.world) if shard and self.dist else None)
 
     def train_round(self, progress=None) -> dict[str, float]:
-        """Train the spec's trainable tensors for local_epochs (or local_steps); return mean losses."""
-        model = self.model
+        """Train the spec's trainable tensors for one round's optimizer steps; return mean losses, steps, the
+        learning rate at the first and last step, and the seconds spent."""
+        model, cfg = self.model, self.cfg
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        data = loader(self.datasets["train"], self.batch_size, shuffle=True,
-                      seed=self.cfg.seed * 100003 + self.rounds_done)
-        max_steps = self.cfg.local_steps or self.cfg.local_epochs * math.ceil(self.num_train_samples / self.batch_size)
-        use_rep = model.spec.regularizer == "representation" and self.cfg.orth_lambda > 0
-        rep_ctx = RepresentationOrthogonality(model.lora_layers()) if use_rep else nullcontext()
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        max_steps = self.steps_per_round
+        scheduler = lr_scheduler(optimizer, cfg, max_steps, self.rounds_done)
+        scaler = grad_scaler(self.device, cfg.precision)
+        forward = self._ddp or model
+        rank, world = (self.dist.rank, self.dist.world) if self.dist else (0, 1)
+        round_seed = cfg.seed * 100003 + self.rounds_done
+        data = self._loader("train", self.batch_size, shuffle=True, seed=round_seed, shard=True)
+        regularizer = model.spec.regularizer if cfg.orth_lambda > 0 else "none"
+        rep_ctx = RepresentationOrthogonality(model.lora_layers()) if regularizer == "representation" \
+            else nullcontext()
         class_weights = self._class_weights(model.head.out_features)
-        sums = {"task_loss": 0.0, "orth_loss": 0.0}
-        steps, start = 0, time.time()
+        task_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        orth_sum = 0.0
+        lr_first = lr_last = None
+        steps, passes, start = 0, 0, time.time()
         model.train()
         with rep_ctx as rep:
             while steps < max_steps:
-                for batch in data:
-                    logits = model(batch["image"])
-                    task = F.cross_entropy(logits, batch["label"].long(), weight=class_weights)
-                    loss = task
-                    if self.cfg.orth_lambda > 0:
-                        orth = self._orth_loss(rep)
-                        if orth is not None:
-                            loss = task + self.cfg.orth_lambda * orth
-                            sums["orth_loss"] += orth.item()
+                # every pass over the data draws its own augmentations, the same in any process or worker
+                self.datasets["train"].augment_seed = round_seed * 1000 + passes
+                full_sizes = batch_sizes(self.num_train_samples, self.batch_size)
+                for group in _groups(zip(data, full_sizes), cfg.grad_accum_steps):
+                    images = sum(full for _, full in group)
+                    lr_last = optimizer.param_groups[0]["lr"]
+                    lr_first = lr_last if lr_first is None else lr_first
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    sums["task_loss"] += task.item()
+                    for i, (batch, full) in enumerate(group):
+                        last = i == len(group) - 1
+                        share = shard_sizes(full, world)[rank] / images  # this micro-batch's part of the step
+                        sync = self._ddp.no_sync() if self._ddp is not None and not last else nullcontext()
+                        with sync:
+                            batch = to_device(batch, self.device)
+                            with autocast(self.device, cfg.precision):
+                                logits = forward(batch["image"])
+                            task = F.cross_entropy(logits.float(), batch["label"].long().view(-1), weight=class_weights)
+                            loss = task * (share * world)
+                            if regularizer == "representation":
+                                orth = rep.loss()
+                                loss = loss + cfg.orth_lambda * orth * (share * world)
+                                orth_sum += orth.item() * share
+                            elif regularizer == "weight" and last:  # batch-independent: once per step
+                                orth = weight_orthogonality(model.lora_layers(), cfg.orth_on, cfg.orth_normalize)
+                                loss = loss + cfg.orth_lambda * orth
+                                orth_sum += orth.item() / world
+                            scaler.scale(loss).backward()
+                        task_sum += task.detach().double() * share
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if scheduler is not None:
+                        scheduler.step()
                     steps += 1
                     if progress:
                         progress(steps, max_steps)
                     if steps >= max_steps:
                         break
+                passes += 1
         self.rounds_done += 1
-        return {k: v / max(steps, 1) for k, v in sums.items()} | {"steps": steps, "train_s": time.time() - start}
+        task_total, orth_total = task_sum.item(), orth_sum
+        if self.dist is not None:  # each process holds its share of the mean losses
+            from fedopal.distributed import all_reduce_sum
+
+            task_total, orth_total = all_reduce_sum([task_total, orth_total], self.device)
+        return {"task_loss": task_total / max(steps, 1), "orth_loss": orth_total / max(steps, 1), "steps": steps,
+                "lr_first": lr_first, "lr_last": lr_last, "train_s": time.time() - start}
+
+    def instance_weighting(self) -> InstanceWeighting:
+        """FedDPA's weighting of this site (built once: the backbone is frozen); the exports store its bank."""
+        if self._weighting is None:
+            with autocast(self.device, self.cfg.precision):
+                self._weighting = InstanceWeighting(self.model, self.datasets["train"], self.batch_size,
+                                                    num_workers=self.num_workers)
+        return self._weighting
 
     def _forward(self, x: torch.Tensor, personalized: bool) -> torch.Tensor:
         if personalized and self.model.spec.inference_weighting == "instance_similarity":
-            if self._weighting is None:
-                self._weighting = InstanceWeighting(self.model, self.datasets["train"], self.batch_size)
-            with self.model.personal_scaled(self._weighting.weights(x)):
+            with self.model.personal_scaled(self.instance_weighting().weights(x)):
                 return self.model(x)
         return self.model(x)
 
@@ -134,8 +233,10 @@ class SiteTrainer:
     def predict(self, split: str, personalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
         self.model.eval()
         labels, probs = [], []
-        for batch in loader(self.datasets[split], self.batch_size * 2, shuffle=False):
-            probs.append(torch.softmax(self._forward(batch["image"], personalized), dim=1).numpy())
+        for batch in self._loader(split, self.batch_size * 2, shuffle=False):
+            with autocast(self.device, self.cfg.precision):
+                logits = self._forward(batch["image"].to(self.device, non_blocking=True), personalized)
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             labels.append(batch["label"].numpy().reshape(-1))
         return np.concatenate(labels).astype(int), np.concatenate(probs)
 

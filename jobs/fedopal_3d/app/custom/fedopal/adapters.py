@@ -42,6 +42,8 @@ class FedOpalModel(nn.Module):
             module.base_model.set_adapter(list(spec.adapters))
         self.backbone = module
         self.head = nn.Linear(backbone.feature_dim, num_classes)
+        # transformers' checkpointed layers recompute only while their own `training` flag is set (see train())
+        self._checkpointed_layers = list(backbone.checkpointed_layers)
         self.apply_trainable()
 
     # -- which tensors train -------------------------------------------------------------------
@@ -61,6 +63,10 @@ class FedOpalModel(nn.Module):
             for name, module in self.backbone.named_modules():
                 if name.endswith("lora_dropout"):
                     module.train(True)
+            # Gradient checkpointing (model.gradient_checkpointing) of a transformers backbone: its
+            # GradientCheckpointingLayer checks only its own flag, so set that one; its dropouts stay in eval mode.
+            for layer in self._checkpointed_layers:
+                layer.training = True
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +96,7 @@ class FedOpalModel(nn.Module):
     def personal_scaled(self, weight: torch.Tensor):
         """Scale the personal adapter's output per instance (weight: (N,), batch first) during the context."""
         def hook(module, inputs, output):
-            return output * weight.view(-1, *([1] * (output.dim() - 1)))
+            return output * weight.to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
 
         handles = [layer.lora_B["personal"].register_forward_hook(hook)
                    for _, layer in self.lora_layers() if "personal" in layer.lora_B]
@@ -113,13 +119,14 @@ class FedOpalModel(nn.Module):
         return [k for k in self.state_dict() if self.spec.is_trainable(k)]
 
     def shared_state(self, transfer_dtype: str = "float32") -> dict[str, torch.Tensor]:
-        """What leaves the site: exactly the spec's shared groups (floating tensors in the transfer dtype)."""
-        return {k: to_transfer_dtype(v.detach().clone(), transfer_dtype)
+        """What leaves the site: exactly the spec's shared groups, CPU tensors (floating ones in the transfer dtype,
+        float32 by default, whatever the device and autocast precision)."""
+        return {k: to_transfer_dtype(v.detach().to("cpu", copy=True), transfer_dtype)
                 for k, v in self.state_dict().items() if self.spec.is_shared(k)}
 
     def site_state(self) -> dict[str, torch.Tensor]:
-        """What a site keeps: trained tensors that are not shared (personal adapter, personal head, ...)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items()
+        """What a site keeps: trained tensors that are not shared (personal adapter, personal head, ...), on the CPU."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()
                 if self.spec.is_trainable(k) and not self.spec.is_shared(k)}
 
     def state_by_group(self) -> dict[str, dict[str, torch.Tensor]]:

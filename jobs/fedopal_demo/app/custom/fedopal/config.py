@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Literal, Optional
 
 import yaml
@@ -43,7 +44,10 @@ class DataConfig(_Section):
     num_classes: int = Field(2, ge=2, le=1000)
     augment: bool = Field(True, description="light augmentation of the training split")
     cache_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of each split MONAI caches")
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096, description="images per optimizer step and site (with "
+                                                          "train.nproc_per_site > 1: split across the processes)")
+    num_workers: int = Field(0, ge=0, le=64, description="data-loading worker processes per site process (0: load "
+                                                         "in the training process); results do not depend on it")
 
 
 class VitConfig(_Section):
@@ -68,6 +72,9 @@ class ModelConfig(_Section):
     target_modules: Optional[str] = Field(None, description="regex over module names; default: per backbone")
     head: Literal["shared", "personal"] = Field(
         "personal", description="where the task head lives (dual methods); personal won the benchmark's head study")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each transformer block in the backward pass (backbones hf and monai_vit): "
+                           "less activation memory for large images or batches, about a third more compute")
 
 
 class TrainConfig(_Section):
@@ -83,13 +90,34 @@ class TrainConfig(_Section):
     orth_on: Literal["A", "B", "AB"] = "A"
     orth_normalize: bool = False
     seed: int = 0
-    threads: int = Field(1, ge=1, le=256, description="torch threads per site process")
+    threads: int = Field(1, ge=1, le=256, description="torch CPU threads per site process")
+    device: str = Field("auto", description="auto: the first visible CUDA GPU if torch sees one, else the CPU; cpu; cuda; "
+                                    "cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of forward passes (bf16 also on the CPU; fp16 adds a gradient scaler); "
+                            "weights, optimizer state and everything sent stay float32")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="micro-batches of data.batch_size per optimizer "
+                                                                "step: N x batch_size images per step")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: decays to 0 over the whole federation (num_rounds x local steps), "
+                                "continuing across rounds and after --resume")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over this many optimizer steps "
+                                                   "(counted across rounds)")
+    nproc_per_site: int = Field(1, ge=1, le=64, description="processes per site: N > 1 trains one model with DDP "
+                                                            "(torchrun, one process per GPU; gloo on the CPU)")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; allowed: {', '.join(METHODS)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N (N a GPU index)")
         return value
 
 
@@ -113,6 +141,8 @@ class FederationConfig(_Section):
     straggler_wait_s: int = Field(600, ge=0, description="with min_clients < num_sites: seconds a round waits for the "
                                                          "other sites after min_clients answered")
     site_names: Optional[list[str]] = Field(None, description="default: site-1 .. site-N")
+    gpu_mem_gib: float = Field(0, ge=0, description="with train.device cuda: GPU memory (GiB) each site's GPU must "
+                                                    "offer for FLARE to schedule the job (resource_spec)")
 
     def sites(self) -> list[str]:
         return list(self.site_names) if self.site_names else [f"site-{i + 1}" for i in range(self.num_sites)]
@@ -168,6 +198,13 @@ class FedOpalConfig(_Section):
     def check(self) -> "FedOpalConfig":
         if self.model.backbone == "hf" and not self.model.hf_model:
             raise ValueError("model.hf_model is required with backbone 'hf' (a local folder or a hub id)")
+        if self.model.gradient_checkpointing and self.model.backbone == "efficientnet_lite0":
+            raise ValueError("model.gradient_checkpointing is for the transformer backbones (hf, monai_vit), not "
+                             "efficientnet_lite0; set it to false")
+        if self.train.nproc_per_site > 1 and self.train.device.startswith("cuda:"):
+            raise ValueError(f"train.device '{self.train.device}' pins one GPU, but train.nproc_per_site "
+                             f"{self.train.nproc_per_site} runs one process per GPU (cuda:<local rank>); "
+                             "set train.device: auto or cuda")
         if self.data.spatial_dims == 3 and self.model.backbone != "monai_vit":
             raise ValueError(f"data.spatial_dims is 3 but model.backbone '{self.model.backbone}' is 2D-pretrained; "
                              "use backbone monai_vit (spatial_dims 3) for volumes")

@@ -19,7 +19,6 @@ so a reader or a crash sees the previous export or the new one, never a mix.
 
 from __future__ import annotations
 
-import copy
 import datetime
 import glob
 import hashlib
@@ -35,6 +34,7 @@ from torch import nn
 
 from fedopal.backbones import build_backbone
 from fedopal.config import ConfigError, FedOpalConfig, config_with_overrides, job_dict
+from fedopal.device import cpu_copy
 from fedopal.methods import MethodSpec, get_method, group_of
 
 FORMAT = "fedopal-export/1"
@@ -66,12 +66,13 @@ def view_state(model: nn.Module, adapters: tuple[str, ...]) -> dict[str, torch.T
     groups = {f"{a}.{m}" for a in adapters for m in "AB"} | {"head"}
     if "backbone" in model.spec.trainable:
         groups.add("backbone")
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if group_of(k) in groups}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+            if group_of(k) in groups}
 
 
 def merged_state(model: nn.Module, adapters: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The plain network (backbone with the view's adapters folded in, then the head), on a copy of the model."""
-    twin = copy.deepcopy(model)
+    twin = cpu_copy(model)  # merged on the CPU: a model training on a GPU is not copied there
     plain = twin.backbone.merge_and_unload(adapter_names=list(adapters)) if model.spec.adapters else twin.backbone
     state = {f"backbone.{k}": v for k, v in plain.state_dict().items()}
     state.update({f"head.{k}": v for k, v in twin.head.state_dict().items()})
@@ -150,7 +151,7 @@ def write_view(model: nn.Module, cfg: FedOpalConfig, view: str, adapters: tuple[
     tensors = view_state(model, adapters)
     weighted = spec.inference_weighting == "instance_similarity" and "personal" in adapters
     if weighted:
-        tensors[INSTANCE_BANK] = weighting.bank.contiguous().clone()
+        tensors[INSTANCE_BANK] = weighting.bank.detach().to("cpu", copy=True).contiguous()
     # FedDPA's per-instance personal weight cannot be folded into fixed weights: no merged copy for that view.
     merged = merged and not weighted
     backbone_in_file = "backbone" in spec.trainable
@@ -217,10 +218,13 @@ class SiteExporter:
     validation balanced accuracy beats the best of this run (ties keep the earlier round, as report.py does)."""
 
     def __init__(self, model: nn.Module, cfg: FedOpalConfig, site_folder: str, site: str, train_set=None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, weighting=None):
+        """weighting: a callable returning the trainer's InstanceWeighting (SiteTrainer.instance_weighting), so the
+        export stores the very bank the site evaluated with; without it, one is built from `train_set`."""
         self.model, self.cfg, self.site, self.run_id = model, cfg, site, run_id
         self.root = os.path.join(site_folder, EXPORT_DIR)
         self.train_set = train_set
+        self._trainer_weighting = weighting
         # The reference backbone as built, before any training (full_ft trains it, and then ships it in the file).
         self.fingerprint = backbone_fingerprint(model)
         self._bank = None
@@ -228,6 +232,8 @@ class SiteExporter:
     def _weighting(self):
         if self.model.spec.inference_weighting != "instance_similarity":
             return None
+        if self._trainer_weighting is not None:
+            return self._trainer_weighting()
         if self._bank is None:  # frozen-backbone features of the training split: the same every round
             from fedopal.train import InstanceWeighting  # the exact weighting the trainer evaluated with
 

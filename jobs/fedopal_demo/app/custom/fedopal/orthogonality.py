@@ -52,7 +52,10 @@ def weight_orthogonality(layers, orth_on: str = "A", normalize: bool = False) ->
 
 
 def cos_squared(u_g: torch.Tensor, u_p: torch.Tensor, feature_dim: int) -> torch.Tensor:
-    """cos^2 between two adapter outputs at every position, with EPS in the denominator."""
+    """cos^2 between two adapter outputs at every position, with EPS in the denominator; in float32 at least (under
+    bf16/fp16 autocast the outputs arrive in that dtype, too coarse for a cosine near 0)."""
+    if u_g.dtype in (torch.float16, torch.bfloat16):
+        u_g, u_p = u_g.float(), u_p.float()
     dot = (u_g * u_p).sum(dim=feature_dim)
     return dot.pow(2) / ((u_g.pow(2).sum(dim=feature_dim) + EPS) * (u_p.pow(2).sum(dim=feature_dim) + EPS))
 
