@@ -4,11 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha1sum | cut -c1-12)
+# The torch build to install. The default takes the CPU wheel on disk here, and on a Linux machine with the package
+# index PyPI's torch 2.13.0 (a CUDA 12.x build). Another build, e.g. CUDA 12.6 from PyTorch's own index:
+#   make venv TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell (cat requirements.txt; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick bench-3d perf latejoin export poc clean
+.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick bench-3d perf gpu-check gpu-wheels \
+	latejoin export poc clean
 
 .venv venv: $(STAMP)
 
@@ -17,7 +22,7 @@ export FEDOPAL_HOME := $(CURDIR)
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -r requirements.txt
 	$(PIP) check
 	rm -f $(VENV)/.installed-*
@@ -63,6 +68,32 @@ bench-3d: prepare-3d
 perf: prepare
 	$(PY) -m fedopal.perf --config app_configs/demo.yaml
 
+# On a CUDA machine (README "GPU"): the bare loop vs the site loop on ViT-B/16 at 224^2, and a 2-site simulator job;
+# writes results/gpu/summary.json. Offline, without the pins: `make gpu-wheels` where there is network, copy .whl/
+# over, and this target installs those wheels under /tmp/fedopal-site and uses that machine's own torch.
+GPU_SITE := /tmp/fedopal-site
+gpu-check:
+	@if [ -d .whl ]; then \
+		python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl && \
+		PYTHONPATH=$(GPU_SITE):$(CURDIR)/custom python3 -u -m fedopal.gpucheck $(GPU_CHECK_ARGS); \
+	else \
+		$(MAKE) venv && $(PY) -u -m fedopal.gpucheck $(GPU_CHECK_ARGS); \
+	fi
+
+# The wheels a CUDA machine with Python 3.12 and torch (but no network) lacks to run gpu-check: the pins below are
+# requirements.txt's (pydantic's and cryptography's own needs included); pure-Python ones are built as wheels where
+# PyPI has only a source archive (pyhocon).
+GPU_WHEEL_PYTHON ?= 3.12
+GPU_WHEELS_PURE := nvflare==2.9.0 monai==1.6.1 nibabel==5.4.2 pyhocon==0.3.63 pydantic==2.14.4 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 pycparser==3.12
+GPU_WHEELS_BINARY := pydantic-core==2.50.5 cryptography==50.0.2 cffi==2.1.1
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+gpu-wheels:
+	python3 -m pip wheel -q --no-deps -w .whl $(GPU_WHEELS_PURE)
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS_BINARY)
+	@ls .whl
+
 # A hospital joining later (README "Use your trained models"): 5 sites on disk, the demo job trains on sites 1-4,
 # then site-5 compares the global model as is, late join and local-only training (3 seeds; a 40-image site too)
 LATEJOIN_WS := workspace/latejoin
@@ -89,4 +120,4 @@ test-fast: prepare
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf workspace results data/demo_federation data/demo_federation_3d data/demo_federation_3d_64
+	rm -rf workspace results .whl data/demo_federation data/demo_federation_3d data/demo_federation_3d_64

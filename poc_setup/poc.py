@@ -189,12 +189,14 @@ class Poc:
               f"HOME {home}; site policy in <site>/local/privacy.json", flush=True)
         return poc
 
-    def start(self, fedopal_home: str = REPO, timeout_s: int = 120) -> None:
-        """Server and sites. Relative data.root resolves against FEDOPAL_HOME in each site process."""
+    def start(self, fedopal_home: str = REPO, timeout_s: int = 120, gpus: list[int] | None = None) -> None:
+        """Server and sites. Relative data.root resolves against FEDOPAL_HOME in each site process.
+        gpus: GPU ids handed to `nvflare poc start -gpu`: each site process sees its share (FLARE deals them out in
+        turn, site-1 the first) as CUDA_VISIBLE_DEVICES, so train.device auto picks it as cuda:0."""
         env = cli_env(self.workspace, self.state.home)
         env["FEDOPAL_HOME"] = os.path.abspath(fedopal_home)
         try:
-            _nvflare(["poc", "start", "--timeout", str(timeout_s)], env, "start")
+            _nvflare(start_args(timeout_s, gpus), env, "start")
         finally:
             self.record_processes()  # even a half-started POC must be stoppable by pid
         print(f"poc: server and {len(self.state.sites)} sites up on localhost:{self.state.port} "
@@ -348,8 +350,14 @@ def _nvflare(args: list[str], env: dict, step: str, check: bool = True, timeout_
     return result
 
 
+def start_args(timeout_s: int, gpus: list[int] | None) -> list[str]:
+    """The `nvflare poc start` command line; FLARE checks the ids against nvidia-smi's and refuses unknown ones."""
+    return ["poc", "start", "--timeout", str(timeout_s)] + (["-gpu", *map(str, gpus)] if gpus else [])
+
+
 # -- CLI -------------------------------------------------------------------------------------------
-def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: str, timeout_s: float) -> int:
+def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: str, timeout_s: float,
+        gpus: list[int] | None = None) -> int:
     """prepare -> start -> submit -> wait -> download -> report -> stop, timing each stage; always stops."""
     from fedopal.job import ProgressWatcher
 
@@ -369,7 +377,7 @@ def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: s
         with stage("prepare"):
             poc = Poc.prepare(workspace, home, sites)
         with stage("start"):
-            poc.start()
+            poc.start(gpus=gpus)
         with stage("submit"):
             job_id = poc.submit(job_folder)
             print(f"poc: submitted {job_folder} as job {job_id}", flush=True)
@@ -418,8 +426,11 @@ def main(argv=None) -> int:
     sp = sub.add_parser("prepare", parents=[common], help="provision the POC: sites, port, site privacy policy")
     site_args(sp)
     sp.add_argument("--port", type=int, help="server port (default: a free one)")
-    sub.add_parser("start", parents=[common], help="start server and sites").add_argument(
-        "--fedopal-home", default=REPO, help="FEDOPAL_HOME of the sites: relative data.root resolves against it")
+    gpu_help = "GPU ids for the sites (nvflare poc start -gpu): dealt out in turn, site-1 the first"
+    sp = sub.add_parser("start", parents=[common], help="start server and sites")
+    sp.add_argument("--fedopal-home", default=REPO, help="FEDOPAL_HOME of the sites: relative data.root resolves "
+                                                         "against it")
+    sp.add_argument("--gpus", type=int, nargs="+", help=gpu_help)
     sp = sub.add_parser("submit", parents=[common], help="submit a job folder with the FLARE API; prints its id")
     sp.add_argument("job_folder")
     for name, what in (("wait", "wait until the job ends"), ("download", "download the job's result")):
@@ -437,6 +448,7 @@ def main(argv=None) -> int:
     site_args(sp)
     sp.add_argument("--timeout", type=float, default=3600.0)
     sp.add_argument("--out", default=os.path.join(DEFAULT_ROOT, "results"), help="download folder")
+    sp.add_argument("--gpus", type=int, nargs="+", help=gpu_help)
     sp = sub.add_parser("install-site-policy", help="install privacy.json and the site filter in a site's kit")
     sp.add_argument("site_kit", help="the site's startup kit folder (holds startup/ and local/)")
     args = p.parse_args(argv)
@@ -452,14 +464,15 @@ def main(argv=None) -> int:
         if args.command == "prepare":
             Poc.prepare(args.workspace, args.home, sites, args.port)
         elif args.command == "run":
-            return run(os.path.abspath(args.job_folder), args.workspace, args.home, sites, args.out, args.timeout)
+            return run(os.path.abspath(args.job_folder), args.workspace, args.home, sites, args.out, args.timeout,
+                       args.gpus)
         else:
             poc = Poc.load(args.workspace)
             job_id = getattr(args, "job_id", None) or poc.state.last_job_id
             if args.command in ("wait", "download") and not job_id:
                 raise PocError("no job id given and none submitted yet. Fix: `poc.py submit <job folder>` first.")
             if args.command == "start":
-                poc.start(args.fedopal_home)
+                poc.start(args.fedopal_home, gpus=args.gpus)
             elif args.command == "submit":
                 print(poc.submit(args.job_folder))
             elif args.command == "wait":

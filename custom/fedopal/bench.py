@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
+from fedopal.device import DeviceError, check_precision, resolve_device
 from fedopal.report import collect_site_records
 
 EVALS = ("personalized", "global_only")
@@ -74,7 +75,7 @@ def received_bytes(job_ws: str) -> dict[str, float]:
     return {site: sum(v) / len(v) for site, v in per_site.items()}
 
 
-def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str) -> dict:
+def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, gpus: str | None = None) -> dict:
     from fedopal.job import simulate
 
     cache = os.path.join(runs_dir, spec.run_id + ".json")
@@ -83,7 +84,7 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str) 
             return json.load(f)
     cfg = spec.config(base)
     start = time.time()
-    job_ws = simulate(cfg, workspace)
+    job_ws = simulate(cfg, workspace, gpus=gpus)
     wall = time.time() - start
     result = {"run_id": spec.run_id, "spec": spec.__dict__, "wall_s": round(wall, 1),
               "sites": collect_site_records(job_ws), "bytes_received": received_bytes(job_ws)}
@@ -169,6 +170,7 @@ class Bench:
     base: FedOpalConfig
     out_dir: str
     workspace: str
+    gpus: str | None = None  # the simulator's GPU option (job.simulate)
     chosen_lr: dict[str, float] = field(default_factory=dict)
     tuning: dict[str, dict[float, float]] = field(default_factory=dict)
     done: int = 0
@@ -186,7 +188,7 @@ class Bench:
               f"  head {spec.head}  r {spec.lora_rank}{' float16' if spec.transfer_dtype == 'float16' else ''}"
               f"{'  (cached)' if cached else ''}   elapsed {elapsed / 60:.1f} min",
               flush=True)
-        return run_once(self.base, spec, self.runs_dir, self.workspace)
+        return run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus)
 
     def tuning_specs(self) -> list[RunSpec]:
         b = self.base.bench
@@ -240,7 +242,7 @@ class Bench:
 
         def run(spec: RunSpec) -> dict:
             if spec.run_id in seen or os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json")):
-                return run_once(self.base, spec, self.runs_dir, self.workspace)
+                return run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus)
             seen.add(spec.run_id)
             return self.run(spec, total)
 
@@ -396,6 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, the first lr, no studies, 2 rounds")
     p.add_argument("--workspace", default="workspace/bench")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--gpus", default=None, metavar="IDS", help="GPUs for the simulated sites, as fedopal.job --gpus")
     args = p.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
@@ -406,13 +409,14 @@ def main(argv=None) -> int:
             overrides.update({"bench.seeds": base.bench.seeds[:1], "bench.lr_grid": base.bench.lr_grid[:1],
                               "bench.out_dir": base.bench.out_dir.rstrip("/") + "_quick"})
         cfg = load_config(args.config, overrides)
-    except ConfigError as err:
+        check_precision(resolve_device(cfg.train.device), cfg.train.precision)
+    except (ConfigError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
     out_dir = cfg.bench.out_dir
     os.makedirs(out_dir, exist_ok=True)
-    bench = Bench(cfg, out_dir, os.path.abspath(args.workspace))
+    bench = Bench(cfg, out_dir, os.path.abspath(args.workspace), gpus=args.gpus)
     start = time.time()
     results = bench.execute()
     wall = time.time() - start

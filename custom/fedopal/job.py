@@ -169,6 +169,8 @@ class ProgressWatcher(threading.Thread):
         for path in metrics_files(self.workspace):
             records = read_metrics(os.path.dirname(path))
             start = self._seen.get(path, 0)
+            if start == 0 and records and records[0].get("device"):
+                print(f"  {records[0]['site']} trains on {records[0]['device']}", flush=True)
             for r in records[start:]:
                 print(f"  round {r['round'] + 1}/{self.num_rounds}  {r['site']:<8} "
                       f"task loss {r['task_loss']:.3f}  orth {r['orth_loss']:.4f}  "

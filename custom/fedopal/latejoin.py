@@ -34,6 +34,7 @@ from fedopal.adapters import FedOpalModel, build_model, count_params
 from fedopal.backbones import BackboneError
 from fedopal.config import ConfigError, FedOpalConfig, config_with_overrides, load_config, parse_overrides
 from fedopal.data import DataError, build_datasets, read_manifest
+from fedopal.device import DeviceError, resolve_device
 from fedopal.export import (ADAPTERS, ExportError, SiteExporter, backbone_fingerprint,
                             read_manifest as read_export_manifest, read_tensors, write_view)
 from fedopal.methods import get_method, group_of
@@ -126,11 +127,13 @@ def train_site(cfg: FedOpalConfig, method: str, site: str, datasets: dict, globa
     if global_tensors is not None:
         load_into(model, global_tensors, source)
     datasets["train"].transform.set_random_state(cfg.train.seed)  # augmentation draws: the same for every method
-    trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
+    trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers,
+                          resolve_device(cfg.train.device))
     trainable = count_params({k: v for k, v in model.state_dict().items() if k in set(model.trainable_keys())})
     store = SiteStore(out) if out else None
     run_id = f"{method}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
-    exporter = SiteExporter(model, cfg, out, site, datasets["train"], run_id=run_id) if out else None
+    exporter = SiteExporter(model, cfg, out, site, datasets["train"], run_id=run_id,
+                            weighting=trainer.instance_weighting) if out else None
     records, start = [], time.time()
     for round_num in range(-1, cfg.train.num_rounds):
         t0 = time.time()
@@ -208,7 +211,7 @@ def compare(cfg: FedOpalConfig, global_path: str, site_dir: str, seeds: list[int
     results: dict[str, list[dict]] = {"global_only": [], "late_join": [], "local": []}
     if "head" in {group_of(k) for k in tensors}:
         folder = export_global_model(cfg, tensors, round_num, os.path.join(out, GLOBAL_EXPORT), global_path)
-        m = evaluate_export(folder, manifest, split="test")
+        m = evaluate_export(folder, manifest, split="test", device=cfg.train.device)
         results["global_only"].append({"bacc_personalized": m["balanced_accuracy"], "accuracy": m["accuracy"],
                                        "auc": m["auc"], "best_val_round": 0, "trainable_params": 0, "wall_s": 0.0,
                                        "seed": None})
@@ -299,7 +302,7 @@ def main(argv=None) -> int:
         seeded = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seeds[0]})})
         _, datasets = site_data(seeded, args.site_dir)
         row = train_site(seeded, "late_join", site, datasets, tensors, args.global_model, out=args.out)
-    except (LateJoinError, ExportError, DataError, ConfigError, BackboneError) as err:
+    except (LateJoinError, ExportError, DataError, ConfigError, BackboneError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{site} joined: test balanced accuracy {row['bacc_personalized']:.3f} at the best validation round "

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 
 import psutil
 import torch
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 from fedopal.adapters import build_model, nbytes
 from fedopal.config import FedOpalConfig, config_from_dict, load_config
 from fedopal.data import build_datasets, loader, site_manifest_path
+from fedopal.device import autocast, grad_scaler, resolve_device
 from fedopal.methods import get_method
-from fedopal.orthogonality import weight_orthogonality
+from fedopal.orthogonality import RepresentationOrthogonality, weight_orthogonality
 from fedopal.report import collect_site_records
 from fedopal.train import SiteTrainer
 from fedopal.validate import check_site
@@ -49,38 +51,74 @@ def _site(cfg: FedOpalConfig, site: str):
 
 
 def bare_loop(cfg: FedOpalConfig, site: str, steps: int) -> float:
-    """A plain torch + peft loop: same model, loss (task + lambda * weight orthogonality), batches and threads."""
     model, datasets = _site(cfg, site)
+    return bare_steps(model, datasets["train"], cfg, steps)
+
+
+def bare_steps(model, dataset, cfg: FedOpalConfig, steps: int, device: torch.device | None = None) -> float:
+    """Images/s of a plain torch + peft loop: the same model, loss (task + lambda * the spec's orthogonality),
+    batches, threads, device and autocast precision as the site, and nothing else (no accumulation, schedule,
+    bookkeeping). Two warm-up steps are not timed; on a GPU the clock stops after the last kernel."""
+    device = device or resolve_device(cfg.train.device)
+    model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
-    batches = loader(datasets["train"], cfg.data.batch_size, shuffle=True, seed=cfg.train.seed)
+    scaler = grad_scaler(device, cfg.train.precision)
+    batches = loader(dataset, cfg.data.batch_size, shuffle=True, seed=cfg.train.seed,
+                     num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    regularizer = model.spec.regularizer if cfg.train.orth_lambda > 0 else "none"
+    rep = RepresentationOrthogonality(model.lora_layers()) if regularizer == "representation" else nullcontext()
     model.train()
     done, images, start = 0, 0, None
-    while done < steps + 2:
-        for batch in batches:
-            if done == 2:  # two warm-up steps
-                start, images = time.perf_counter(), 0
-            loss = F.cross_entropy(model(batch["image"]), batch["label"].long())
-            if model.spec.regularizer == "weight":
-                loss = loss + cfg.train.orth_lambda * weight_orthogonality(model.lora_layers())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            images += len(batch["label"])
-            done += 1
-            if done >= steps + 2:
-                break
+    with rep:
+        while done < steps + 2:
+            for batch in batches:
+                if done == 2:  # two warm-up steps
+                    _synchronize(device)
+                    start, images = time.perf_counter(), 0
+                x, y = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+                with autocast(device, cfg.train.precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y.long().view(-1))
+                if regularizer == "weight":
+                    loss = loss + cfg.train.orth_lambda * weight_orthogonality(model.lora_layers(), cfg.train.orth_on,
+                                                                              cfg.train.orth_normalize)
+                elif regularizer == "representation":
+                    loss = loss + cfg.train.orth_lambda * rep.loss()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                images += len(y)
+                done += 1
+                if done >= steps + 2:
+                    break
+    _synchronize(device)
     return images / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def site_loop(cfg: FedOpalConfig, site: str, steps: int) -> float:
     model, datasets = _site(cfg, site)
-    warm = cfg.model_copy(update={"train": cfg.train.model_copy(update={"local_steps": 2})})
-    SiteTrainer(model, datasets, warm.train, cfg.data.batch_size).train_round()
+    return site_steps(model, datasets, cfg, steps)
+
+
+def site_steps(model, datasets: dict, cfg: FedOpalConfig, steps: int, device: torch.device | None = None) -> float:
+    """Images/s of the site's own training loop (SiteTrainer.train_round, as the client runs it) over `steps`
+    optimizer steps, after a 2-step warm-up round."""
+    device = device or resolve_device(cfg.train.device)
+    warm = cfg.train.model_copy(update={"local_steps": 2})
+    SiteTrainer(model, datasets, warm, cfg.data.batch_size, cfg.data.num_workers, device).train_round()
     run = cfg.train.model_copy(update={"local_steps": steps})
-    trainer = SiteTrainer(model, datasets, run, cfg.data.batch_size)
+    trainer = SiteTrainer(model, datasets, run, cfg.data.batch_size, cfg.data.num_workers, device)
+    _synchronize(device)
     start = time.perf_counter()
     trainer.train_round()
-    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+    _synchronize(device)
+    return steps * cfg.data.batch_size * cfg.train.grad_accum_steps / (time.perf_counter() - start)
 
 
 def bare_round_s(cfg: FedOpalConfig, sites: list[str]) -> float:
@@ -88,7 +126,8 @@ def bare_round_s(cfg: FedOpalConfig, sites: list[str]) -> float:
     times = []
     for site in sites:
         model, datasets = _site(cfg, site)
-        trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size)
+        trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers,
+                              resolve_device(cfg.train.device))
         trainer.train_round()  # warm-up round (first-touch allocations)
         trainer.evaluate()
         start = time.perf_counter()

@@ -23,6 +23,7 @@ import torch
 from fedopal.backbones import BackboneError
 from fedopal.config import ConfigError, parse_overrides
 from fedopal.data import UNLABELED, DataError, Sample, build_inference_dataset, find_inputs, loader, read_input_manifest
+from fedopal.device import DeviceError, autocast, resolve_device
 from fedopal.export import ExportError, load_exported
 from fedopal.train import classification_metrics
 
@@ -31,18 +32,23 @@ SPLIT_CHOICES = ("train", "val", "test", "all")
 
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, cfg, samples: list[Sample], batch_size: int | None = None,
-                          progress: bool = False, source: str = "") -> np.ndarray:
-    """(N, num_classes) softmax probabilities, in the order of `samples`."""
+                          progress: bool = False, source: str = "", device: str = "auto") -> np.ndarray:
+    """(N, num_classes) softmax probabilities (float32), in the order of `samples`. The model runs on `device`
+    (a train.device value; DeviceError if it is not there) in the config's train.precision."""
     from tqdm import tqdm
 
     dataset = build_inference_dataset(cfg.data, samples, model.in_channels, model.normalization, source)
-    model.eval()
+    where = resolve_device(device)
+    model.to(where).eval()
     probs = []
     # disable=None: a bar on a terminal, silence in logs and pipes
     with tqdm(total=len(dataset), unit="image", desc="predict", disable=None if progress else True,
               file=sys.stderr) as bar:
-        for batch in loader(dataset, batch_size or cfg.data.batch_size * 2, shuffle=False):
-            probs.append(torch.softmax(model(batch["image"]), dim=1).numpy())
+        for batch in loader(dataset, batch_size or cfg.data.batch_size * 2, shuffle=False,
+                            num_workers=cfg.data.num_workers, pin_memory=where.type == "cuda"):
+            with autocast(where, cfg.train.precision):
+                logits = model(batch["image"].to(where, non_blocking=True))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             bar.update(len(batch["image"]))
     return np.concatenate(probs)
 
@@ -69,12 +75,13 @@ def labelled_metrics(samples: list[Sample], probs: np.ndarray) -> dict[str, floa
 
 
 def evaluate_export(folder: str, manifest_path: str, split: str = "test", merged: bool = False,
-                    overrides: dict | None = None) -> dict[str, float]:
+                    overrides: dict | None = None, device: str = "auto") -> dict[str, float]:
     """Metrics of an exported model on one split of a site manifest: e.g. a global-only export on a site that never
     trained (README, "Use your trained models")."""
     model, cfg, _ = load_exported(folder, merged=merged, overrides=overrides)
     samples = select_split(read_input_manifest(manifest_path, cfg.data.num_classes), split, manifest_path)
-    metrics = labelled_metrics(samples, predict_probabilities(model, cfg, samples, source=manifest_path))
+    metrics = labelled_metrics(samples, predict_probabilities(model, cfg, samples, source=manifest_path,
+                                                              device=device))
     if metrics is None:
         raise DataError(f"{manifest_path}: no labels in split '{split}', so nothing to evaluate. "
                         "Fix: add a label column, or run fedopal.predict for predictions only.")
@@ -116,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--merged", action="store_true", help="use the merged copy (runs without peft)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a stored config key, e.g. model.checkpoint=/models/vit.pt where the backbone moved")
     args = p.parse_args(argv)
@@ -129,8 +137,8 @@ def main(argv=None) -> int:
         else:
             samples = find_inputs(args.input)
         probs = predict_probabilities(model, cfg, samples, args.batch_size, progress=True,
-                                      source=args.manifest or "--input")
-    except (ExportError, DataError, ConfigError, BackboneError) as err:
+                                      source=args.manifest or "--input", device=args.device)
+    except (ExportError, DataError, ConfigError, BackboneError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
