@@ -2,6 +2,7 @@
 round counter continues."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -49,7 +50,7 @@ def rounds_done(job_ws):
 def test_killed_job_resumes_where_it_stopped(small_federation, tmp_path):
     root, _ = small_federation
     raw = tiny_config(root).model_dump(mode="json")
-    raw["train"].update(num_rounds=4, local_steps=2)
+    raw["train"].update(num_rounds=4, local_steps=2, lr_schedule="cosine", warmup_steps=1)
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(raw))
     ws = tmp_path / "ws"
@@ -99,6 +100,11 @@ def test_killed_job_resumes_where_it_stopped(small_federation, tmp_path):
         assert first["received_norm"] == pytest.approx(expected, rel=1e-6)
     final = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert final["meta_props"]["current_round"] == 3
+    # the cosine learning rate continues across the restart: round k starts at step 2k of 8 (warm-up 1 step)
+    for r in records:
+        step = 2 * r["round"]
+        expected = raw["train"]["lr"] * (step / 1 if step < 1 else 0.5 * (1 + math.cos(math.pi * (step - 1) / 7)))
+        assert r["lr_first"] == pytest.approx(expected, abs=1e-12), (r["site"], r["round"])
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, small_federation):

@@ -78,8 +78,9 @@ def main(argv=None) -> None:
                             weighting=trainer.instance_weighting)
     writer = SummaryWriter()
     trainable = count_params({k: v for k, v in model.state_dict().items() if k in set(model.trainable_keys())})
-    processes = f"{ctx.world} processes (DDP), rank 0 on " if ctx else ""
-    print(f"[{site}] training on {processes}{describe(device, cfg.train.precision, cfg.train.threads)}")
+    where = (f"{ctx.world} processes (DDP), rank 0 on " if ctx else "") + describe(device, cfg.train.precision,
+                                                                                   cfg.train.threads)
+    print(f"[{site}] training on {where}")
     if resumed is not None:
         print(f"[{site}] resumed the personal state saved at round {resumed['round']}")
     print(f"[{site}] {spec.name}: {trainer.num_train_samples} training images, {trainable} trainable params, "
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
                   "wall_s": round(time.time() - start, 3), "started_at": start, "finished_at": time.time(),
-                  "received_norm": tensor_norm(received), "device": str(device), "processes": ctx.world if ctx else 1,
+                  "received_norm": tensor_norm(received), "device": where,
                   "resumed_from_round": resumed["round"] if resumed else None, **train_stats, **metrics}
         store.append_metrics(record)
         for tag in ("task_loss", "orth_loss", "lr_first"):

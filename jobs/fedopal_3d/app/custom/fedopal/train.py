@@ -161,8 +161,9 @@ class SiteTrainer:
         rep_ctx = RepresentationOrthogonality(model.lora_layers()) if regularizer == "representation" \
             else nullcontext()
         class_weights = self._class_weights(model.head.out_features)
+        # running sums stay on the device: a .item() per step would wait for the GPU every step
         task_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        orth_sum = 0.0
+        orth_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         lr_first = lr_last = None
         steps, passes, start = 0, 0, time.time()
         model.train()
@@ -189,11 +190,11 @@ class SiteTrainer:
                             if regularizer == "representation":
                                 orth = rep.loss()
                                 loss = loss + cfg.orth_lambda * orth * (share * world)
-                                orth_sum += orth.item() * share
+                                orth_sum += orth.detach().double() * share
                             elif regularizer == "weight" and last:  # batch-independent: once per step
                                 orth = weight_orthogonality(model.lora_layers(), cfg.orth_on, cfg.orth_normalize)
                                 loss = loss + cfg.orth_lambda * orth
-                                orth_sum += orth.item() / world
+                                orth_sum += orth.detach().double() / world
                             scaler.scale(loss).backward()
                         task_sum += task.detach().double() * share
                     scaler.step(optimizer)
@@ -207,7 +208,7 @@ class SiteTrainer:
                         break
                 passes += 1
         self.rounds_done += 1
-        task_total, orth_total = task_sum.item(), orth_sum
+        task_total, orth_total = task_sum.item(), orth_sum.item()
         if self.dist is not None:  # each process holds its share of the mean losses
             from fedopal.distributed import all_reduce_sum
 

@@ -224,8 +224,10 @@ def _first_line(err: Exception) -> str:
 
 
 def shard_sizes(batch_size: int, world: int) -> list[int]:
-    """How a batch of `batch_size` items is split over `world` processes (contiguous parts, numpy's array_split)."""
-    return [len(part) for part in np.array_split(np.arange(batch_size), world)]
+    """How a batch of `batch_size` items is split over `world` processes: contiguous parts, the first
+    batch_size % world of them one item longer (numpy's array_split sizes)."""
+    base, extra = divmod(batch_size, world)
+    return [base + (1 if rank < extra else 0) for rank in range(world)]
 
 
 def batch_sizes(num_items: int, batch_size: int) -> list[int]:
