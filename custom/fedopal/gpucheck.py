@@ -129,7 +129,8 @@ def simulator_job(folder: str, pretrained: bool, image_size: int, device: torch.
     build_federation(npz, root, num_sites=2, seed=0, train_per_site=per_site[0], val_per_site=per_site[1],
                      test_per_site=per_site[2], min_test_per_class=2, min_val_per_class=2)
     cfg = config("fedopal_w", folder, pretrained, image_size, 8 if smoke else 32, device.type, precision,
-                 {"name": "gpucheck_sim", "data.root": os.path.abspath(root), "data.augment": True, "data.in_channels": 1,
+                 {"name": "gpucheck_sim", "data.root": os.path.abspath(root), "data.augment": True,
+                  "data.in_channels": 1,
                   "data.num_workers": 0 if smoke else 2, "train.num_rounds": 2, "train.local_steps": 1 if smoke else 4,
                   "federation.num_sites": 2})
     preflight(cfg)

@@ -91,8 +91,8 @@ class TrainConfig(_Section):
     orth_normalize: bool = False
     seed: int = 0
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads per site process")
-    device: str = Field("auto", description="auto: the first visible CUDA GPU if torch sees one, else the CPU; cpu; cuda; "
-                                    "cuda:N")
+    device: str = Field("auto", description="auto: the first visible CUDA GPU if torch sees one, else the CPU; "
+                                            "cpu; cuda; cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="autocast dtype of forward passes (bf16 also on the CPU; fp16 adds a gradient scaler); "
                             "weights, optimizer state and everything sent stay float32")

@@ -193,7 +193,8 @@ class SeededCacheDataset(CacheDataset):
     augment_seed: int = 0
 
     def _transform(self, index: int):
-        self.transform.set_random_state(seed=int(np.random.SeedSequence([self.augment_seed, index]).generate_state(1)[0]))
+        seed = np.random.SeedSequence([self.augment_seed, index]).generate_state(1)[0]
+        self.transform.set_random_state(seed=int(seed))
         return super()._transform(index)
 
 
