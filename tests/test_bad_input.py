@@ -31,6 +31,8 @@ def make_site(root, site="site-1", n=6, rgb=False, suffix=".png", rows=None):
         if suffix == ".png":
             arr = np.full((12, 12, 3) if rgb else (12, 12), i * 20, np.uint8)
             Image.fromarray(arr).save(folder / name)
+        elif suffix == ".npy":
+            np.save(folder / name, np.full((12, 12, 2) if rgb else (12, 12), i, np.float32))
         else:
             nib.save(nib.Nifti1Image(np.full((8, 8, 8), i, np.uint8), np.eye(4)), str(folder / name))
         written.append((name, i % 2, ("train", "val", "test")[i % 3]))
@@ -93,14 +95,16 @@ CASES = {
     "corrupt png": (corrupt_png, {}),
     "truncated nifti": (truncated_nifti, {"data": {"spatial_dims": 3, "image_size": 16}}),
     "2d data in a 3d config": (lambda r: make_site(r) and "spatial_dims is 3", {"data": {"spatial_dims": 3}}),
-    "3d data in a 2d config": (lambda r: make_site(r, suffix=".nii.gz") and "spatial_dims 2", {}),
+    "3d data in a 2d config": (lambda r: make_site(r, suffix=".nii.gz") and "spatial_dims 2. Fix: set "
+                               "data.spatial_dims: 3", {}),
     "label out of range": (lambda r: make_site(r, rows=[("images/0.png", 7, "train")]) and "manifest.csv:2", {}),
     "non-integer label": (lambda r: make_site(r, rows=[("images/0.png", "pneumonia", "train")])
                           and "'pneumonia'", {}),
     "empty site": (lambda r: make_site(r, rows=[]) and "no rows", {}),
     "empty split": (lambda r: make_site(r, rows=[("images/0.png", 0, "train"), ("images/1.png", 1, "val")])
                     and "'test' split is empty", {}),
-    "channel mismatch": (lambda r: make_site(r, rgb=True) and "3 channel(s) but data.in_channels is 1", {}),
+    "channel mismatch": (lambda r: make_site(r, rgb=True, suffix=".npy")
+                         and "the last axis holds channels", {}),
 }
 
 
