@@ -12,6 +12,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 import yaml
@@ -89,6 +90,22 @@ def truncated_nifti(root):
     return "4.nii.gz"
 
 
+def huge_png(root):
+    folder = make_site(root)
+    Image.new("1", (13600, 13600)).save(folder / "images" / "2.png")  # 1 bit per pixel: cheap to write
+    return "2.png: too large to decode safely"
+
+
+def dicom_site(root, **tags):
+    from dicomgen import write_dicom
+
+    folder = make_site(root, rows=[(f"images/{i}.dcm", i % 2, ("train", "val", "test")[i % 3]) for i in range(3)])
+    for i in range(3):
+        write_dicom(folder / "images" / f"{i}.dcm", np.full((12, 12), i * 20, np.uint8))
+    write_dicom(folder / "images" / "1.dcm", **tags)
+    return "1.dcm"
+
+
 CASES = {
     "missing image file": (lambda r: make_site(r, rows=[("images/0.png", 0, "train"), ("images/nope.png", 1, "val"),
                                                           ("images/2.png", 0, "test")]) and "nope.png", {}),
@@ -105,6 +122,19 @@ CASES = {
                     and "'test' split is empty", {}),
     "channel mismatch": (lambda r: make_site(r, rgb=True, suffix=".npy")
                          and "the last axis holds channels", {}),
+    "huge image": (huge_png, {}),
+    "file in two splits": (lambda r: make_site(r, rows=[("images/0.png", 0, "train"), ("images/0.png", 0, "test")])
+                           and "in the 'test' split and, at row 2, in the 'train' split", {}),
+    "unknown class name": (lambda r: make_site(r, rows=[("images/0.png", "covid", "train")])
+                           and "'covid' is neither one of data.class_names (normal, pneumonia)",
+                           {"data": {"class_names": ["normal", "pneumonia"]}}),
+    "multi-frame dicom": (lambda r: dicom_site(r, pixels=np.zeros((2, 12, 12), np.uint8), frames=2)
+                          and "multi-frame DICOM (2 frames)", {}),
+    "undecodable dicom": (lambda r: dicom_site(r, pixels=np.zeros((12, 12), np.uint16),
+                                               transfer_syntax=pydicom.uid.JPEGLSLossless)
+                          and "'JPEG-LS Lossless Image Compression'", {}),
+    "dicom window asked, none in the file": (lambda r: dicom_site(r, pixels=np.zeros((12, 12), np.uint8))
+                                             and "no WindowCenter/WindowWidth", {"data": {"window_from_file": True}}),
 }
 
 
