@@ -106,8 +106,9 @@ def layout(shape: tuple, opts: DecodeOptions, path: str, channels: int | None = 
     if len(spatial) == dims:
         return spatial, channels
     if len(spatial) < dims:
+        fix = f"set data.spatial_dims: {len(spatial)}, or use {dims}D files" if len(spatial) == 2 else f"use {dims}D files"
         raise DataError(f"{path}: a {len(spatial)}D array ({shown}) in a config with data.spatial_dims {dims}. "
-                        f"Fix: set data.spatial_dims: {len(spatial)}, or use {dims}D files.")
+                        f"Fix: {fix}.")
     if len(spatial) == dims + 1 and dims == 2 and spatial[-1] > 4:
         raise DataError(f"{path}: a 3D array ({shown}) in a config with data.spatial_dims 2. "
                         "Fix: set data.spatial_dims: 3, or use 2D files.")

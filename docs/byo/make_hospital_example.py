@@ -31,7 +31,7 @@ def write_dicom(path: str, gray8: np.ndarray) -> None:
     ds.Rows, ds.Columns = gray8.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = ((255 - gray8.astype(np.uint16)) * 4095 // 255).astype(np.uint16).tobytes()
+    ds.PixelData = ((255 - gray8.astype(np.int64)) * 4095 // 255).astype(np.uint16).tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
 
