@@ -85,7 +85,7 @@ gpu-check:
 # PyPI has only a source archive (pyhocon).
 GPU_WHEEL_PYTHON ?= 3.12
 GPU_WHEELS_PURE := nvflare==2.9.0 monai==1.6.1 nibabel==5.4.2 pyhocon==0.3.63 pydantic==2.14.4 \
-	annotated-types==0.8.0 typing-inspection==0.4.5 pycparser==3.12
+	annotated-types==0.8.0 typing-inspection==0.4.5 pycparser==3.12 pydicom==3.0.2
 GPU_WHEELS_BINARY := pydantic-core==2.50.5 cryptography==50.0.2 cffi==2.1.1
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 gpu-wheels:

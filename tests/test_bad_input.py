@@ -12,6 +12,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 import yaml
@@ -31,6 +32,8 @@ def make_site(root, site="site-1", n=6, rgb=False, suffix=".png", rows=None):
         if suffix == ".png":
             arr = np.full((12, 12, 3) if rgb else (12, 12), i * 20, np.uint8)
             Image.fromarray(arr).save(folder / name)
+        elif suffix == ".npy":
+            np.save(folder / name, np.full((12, 12, 2) if rgb else (12, 12), i, np.float32))
         else:
             nib.save(nib.Nifti1Image(np.full((8, 8, 8), i, np.uint8), np.eye(4)), str(folder / name))
         written.append((name, i % 2, ("train", "val", "test")[i % 3]))
@@ -87,20 +90,51 @@ def truncated_nifti(root):
     return "4.nii.gz"
 
 
+def huge_png(root):
+    folder = make_site(root)
+    Image.new("1", (13600, 13600)).save(folder / "images" / "2.png")  # 1 bit per pixel: cheap to write
+    return "2.png: too large to decode safely"
+
+
+def dicom_site(root, **tags):
+    from dicomgen import write_dicom
+
+    folder = make_site(root, rows=[(f"images/{i}.dcm", i % 2, ("train", "val", "test")[i % 3]) for i in range(3)])
+    for i in range(3):
+        write_dicom(folder / "images" / f"{i}.dcm", np.full((12, 12), i * 20, np.uint8))
+    write_dicom(folder / "images" / "1.dcm", **tags)
+    return "1.dcm"
+
+
 CASES = {
     "missing image file": (lambda r: make_site(r, rows=[("images/0.png", 0, "train"), ("images/nope.png", 1, "val"),
                                                           ("images/2.png", 0, "test")]) and "nope.png", {}),
     "corrupt png": (corrupt_png, {}),
     "truncated nifti": (truncated_nifti, {"data": {"spatial_dims": 3, "image_size": 16}}),
     "2d data in a 3d config": (lambda r: make_site(r) and "spatial_dims is 3", {"data": {"spatial_dims": 3}}),
-    "3d data in a 2d config": (lambda r: make_site(r, suffix=".nii.gz") and "spatial_dims 2", {}),
+    "3d data in a 2d config": (lambda r: make_site(r, suffix=".nii.gz") and "spatial_dims 2. Fix: set "
+                               "data.spatial_dims: 3", {}),
     "label out of range": (lambda r: make_site(r, rows=[("images/0.png", 7, "train")]) and "manifest.csv:2", {}),
     "non-integer label": (lambda r: make_site(r, rows=[("images/0.png", "pneumonia", "train")])
                           and "'pneumonia'", {}),
     "empty site": (lambda r: make_site(r, rows=[]) and "no rows", {}),
     "empty split": (lambda r: make_site(r, rows=[("images/0.png", 0, "train"), ("images/1.png", 1, "val")])
                     and "'test' split is empty", {}),
-    "channel mismatch": (lambda r: make_site(r, rgb=True) and "3 channel(s) but data.in_channels is 1", {}),
+    "channel mismatch": (lambda r: make_site(r, rgb=True, suffix=".npy")
+                         and "the last axis holds channels", {}),
+    "huge image": (huge_png, {}),
+    "file in two splits": (lambda r: make_site(r, rows=[("images/0.png", 0, "train"), ("images/0.png", 0, "test")])
+                           and "in the 'test' split and, at row 2, in the 'train' split", {}),
+    "unknown class name": (lambda r: make_site(r, rows=[("images/0.png", "covid", "train")])
+                           and "'covid' is neither one of data.class_names (normal, pneumonia)",
+                           {"data": {"class_names": ["normal", "pneumonia"]}}),
+    "multi-frame dicom": (lambda r: dicom_site(r, pixels=np.zeros((2, 12, 12), np.uint8), frames=2)
+                          and "multi-frame DICOM (2 frames)", {}),
+    "undecodable dicom": (lambda r: dicom_site(r, pixels=np.zeros((12, 12), np.uint16),
+                                               transfer_syntax=pydicom.uid.JPEGLSLossless)
+                          and "'JPEG-LS Lossless Image Compression'", {}),
+    "dicom window asked, none in the file": (lambda r: dicom_site(r, pixels=np.zeros((12, 12), np.uint8))
+                                             and "no WindowCenter/WindowWidth", {"data": {"window_from_file": True}}),
 }
 
 

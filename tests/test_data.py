@@ -69,8 +69,8 @@ def test_augmentation_only_on_train(small_federation):
 
 
 def _manifest(tmp_path, rows, header=("path", "label", "split")):
-    img = tmp_path / "a.png"
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(img)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
     path = tmp_path / "manifest.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -85,7 +85,7 @@ def _manifest(tmp_path, rows, header=("path", "label", "split")):
     ([("a.png", 5, "train")], None, "out of range"),
     ([("a.png", 0, "training")], None, "not one of"),
     ([("missing.png", 0, "train")], None, "not found"),
-    ([("a.png", 0, "train"), ("a.png", 1, "val")], None, "'test' split is empty"),
+    ([("a.png", 0, "train"), ("b.png", 1, "val")], None, "'test' split is empty"),
 ])
 def test_bad_manifest_gets_a_clear_error(tmp_path, rows, header, needle):
     path = _manifest(tmp_path, rows, header or ("path", "label", "split"))

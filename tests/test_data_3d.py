@@ -49,7 +49,7 @@ def test_orientation_and_spacing_steps(tmp_path):
     cfg = cfg3d(orientation="LPS", spacing=[1.0, 1.0, 1.0], spatial_mode="crop", image_size=20)
     t = build_transforms(cfg.data, 1, None, train=False, family="nifti")
     names = [type(s).__name__ for s in t.transforms]
-    assert names[2:4] == ["Orientationd", "Spacingd"]
+    assert names[1:3] == ["Orientationd", "Spacingd"]
     out = t({"image": path, "label": 0})
     assert out["image"].shape == (1, 20, 20, 20)
 
@@ -91,7 +91,7 @@ def test_3d_volumes_in_a_2d_config_are_refused(tmp_path):
     for i in range(3):
         write_volume(tmp_path / f"{i}.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
     samples = read_manifest(_manifest(tmp_path, [f"{i}.nii.gz" for i in range(3)]), 2)
-    with pytest.raises(DataError, match="a 3D NIfTI in a config with data.spatial_dims 2"):
+    with pytest.raises(DataError, match="a 3D array .8x8x8. in a config with data.spatial_dims 2. Fix: set data.spatial_dims: 3"):
         file_format(samples, 2, "manifest.csv")
 
 

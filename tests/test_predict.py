@@ -129,7 +129,7 @@ BAD_INPUTS = {
                                    "no 'split' column"),
     "unreadable image": (lambda v, s, t: ["--model", v["personalized"], "--manifest",
                                           _bad_manifest(t, f"path\n{_fake_png(t)}\n")],
-                         "fake.png: could not be read"),
+                         "fake.png: corrupt or unreadable image"),
 }
 
 

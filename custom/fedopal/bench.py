@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.device import DeviceError, check_precision, resolve_device
-from fedopal.report import collect_site_records
+from fedopal.report import best_round, collect_site_records, covered_mean
 
 EVALS = ("personalized", "global_only")
 
@@ -106,7 +106,7 @@ def site_results(result: dict, view: str) -> list[dict]:
         key = f"{view}/val/balanced_accuracy"
         if key not in records[0]:
             continue
-        best = max(records, key=lambda r: r[key])
+        best = best_round(records, key) or records[-1]  # no measurable validation round: the final one
         rows.append({
             "site": site, "eval": view, "best_round": best["round"] + 1,
             "val_balanced_accuracy": best[key],
@@ -120,8 +120,8 @@ def site_results(result: dict, view: str) -> list[dict]:
 
 
 def validation_score(result: dict) -> float:
-    rows = site_results(result, "personalized")
-    return sum(r["val_balanced_accuracy"] for r in rows) / len(rows)
+    mean, covered = covered_mean([r["val_balanced_accuracy"] for r in site_results(result, "personalized")])
+    return mean if covered else -math.inf
 
 
 def curve(result: dict) -> list[float]:
@@ -130,7 +130,7 @@ def curve(result: dict) -> list[float]:
     for records in result["sites"].values():
         for r in records:
             per_round.setdefault(r["round"], []).append(r["personalized/test/balanced_accuracy"])
-    return [sum(v) / len(v) for _, v in sorted(per_round.items())]
+    return [covered_mean(v)[0] for _, v in sorted(per_round.items())]
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -146,12 +146,18 @@ def aggregate(results: list[dict], view: str = "personalized") -> dict:
     per_seed = [rows for rows in per_seed if rows]
     if not per_seed:
         return {}
-    site_mean = [statistics.fmean(x["balanced_accuracy"] for x in rows) for rows in per_seed]
-    worst = [min(x["balanced_accuracy"] for x in rows) for rows in per_seed]
+    # a site whose test split has one class has no balanced accuracy or AUC: means cover the sites that have one,
+    # and say how many (the fewest over seeds)
+    site_mean = [covered_mean([x["balanced_accuracy"] for x in rows])[0] for rows in per_seed]
+    worst = [min((x["balanced_accuracy"] for x in rows if not math.isnan(x["balanced_accuracy"])), default=math.nan)
+             for rows in per_seed]
     return {
         "bacc": _mean_sd(site_mean), "worst": _mean_sd(worst),
-        "accuracy": _mean_sd([statistics.fmean(x["accuracy"] for x in rows) for rows in per_seed]),
-        "auc": _mean_sd([statistics.fmean(x["auc"] for x in rows) for rows in per_seed]),
+        "sites": min(covered_mean([x["balanced_accuracy"] for x in rows])[1] for rows in per_seed),
+        "auc_sites": min(covered_mean([x["auc"] for x in rows])[1] for rows in per_seed),
+        "total_sites": max(len(rows) for rows in per_seed),
+        "accuracy": _mean_sd([covered_mean([x["accuracy"] for x in rows])[0] for rows in per_seed]),
+        "auc": _mean_sd([covered_mean([x["auc"] for x in rows])[0] for rows in per_seed]),
         "bytes_per_round": statistics.fmean(x["bytes_per_round"] for rows in per_seed for x in rows),
         "trainable_params": per_seed[0][0]["trainable_params"],
         "wall_s": statistics.fmean(r["wall_s"] for r in results),
@@ -159,8 +165,9 @@ def aggregate(results: list[dict], view: str = "personalized") -> dict:
     }
 
 
-def _pm(ms: tuple[float, float]) -> str:
-    return "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+def _pm(ms: tuple[float, float], covered: int | None = None, total: int | None = None) -> str:
+    text = "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+    return text if covered is None or covered == total else f"{text} ({covered}/{total} sites)"
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------
@@ -288,8 +295,9 @@ def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
             agg = aggregate(results, view)
             if not agg:
                 continue
-            lines.append(f"| {method} | {view.replace('_', '-')} | {_pm(agg['bacc'])} | {_pm(agg['worst'])} | "
-                         f"{_pm(agg['accuracy'])} | {_pm(agg['auc'])} | {agg['bytes_per_round']:,.0f} | "
+            lines.append(f"| {method} | {view.replace('_', '-')} | "
+                         f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
+                         f"{_pm(agg['accuracy'])} | {_pm(agg['auc'], agg['auc_sites'], agg['total_sites'])} | {agg['bytes_per_round']:,.0f} | "
                          f"{agg['trainable_params']:,} | {agg['wall_s']:.0f} | {bench.chosen_lr[method]:g} |")
     lines += ["", "Learning rate chosen per method on the first seed's validation balanced accuracy "
               "(site mean of the best round):", "", "| method | " + " | ".join(
@@ -344,7 +352,7 @@ def studies_markdown(studies: dict) -> str:
         lines += [f"## {name}", "", "| value | bal. acc. | worst site | bytes / round |", "|---|---|---|---|"]
         for label, results in values:
             agg = aggregate(results)
-            lines.append(f"| {label} | {_pm(agg['bacc'])} | {_pm(agg['worst'])} | {agg['bytes_per_round']:,.0f} |")
+            lines.append(f"| {label} | {_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | {agg['bytes_per_round']:,.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -365,8 +373,8 @@ def plot(main: dict[str, list[dict]], out_dir: str) -> None:
         for r in main[m]:
             for row in site_results(r, "personalized"):
                 per_site[row["site"]].append(row["balanced_accuracy"])
-        means = [np.mean(per_site[s]) for s in sites]
-        sds = [np.std(per_site[s]) for s in sites]
+        means = [np.nanmean(per_site[s]) if per_site[s] else np.nan for s in sites]
+        sds = [np.nanstd(per_site[s]) if per_site[s] else np.nan for s in sites]
         ax.bar(np.arange(len(sites)) + i * width, means, width, yerr=sds, label=m, capsize=2)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
     ax.set_ylabel("test balanced accuracy")

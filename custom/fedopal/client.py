@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     # Validate and cache this site's data, and build the model, once per job (not per round).
     manifest = site_manifest_path(cfg, site)
     # every row and file, before any training (rank 0; the others read the manifest it checked)
-    samples = check_site(cfg, site, manifest) if main_rank else read_manifest(manifest, cfg.data.num_classes)
+    samples = check_site(cfg, site, manifest) if main_rank else read_manifest(manifest, cfg.data.num_classes,
+                                                                                cfg.data.class_names)
     model = build_model(cfg, spec, site_name=site)
     datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest, cfg.train.seed)
     trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device, ctx)

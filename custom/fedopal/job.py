@@ -327,6 +327,12 @@ def main(argv=None) -> int:
         except ResumeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except RuntimeError:  # a site (or the server) died: its own one-line error, from its log
+            from fedopal.report import simulation_failure
+
+            print(f"error: {simulation_failure(os.path.join(os.path.abspath(args.workspace), cfg.name))}",
+                  file=sys.stderr)
+            return 2
         wall = time.time() - t0
         summary = summarize(job_ws, cfg, wall)
         print(summary["markdown"])

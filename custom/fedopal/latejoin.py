@@ -171,7 +171,7 @@ def limit_train(samples: list, limit: int, seed: int = 0) -> list:
 def site_data(cfg: FedOpalConfig, site_dir: str, train_limit: int | None = None) -> tuple[str, dict]:
     """(manifest path, cached datasets) for one site folder; every model of one config shares the pipeline."""
     manifest = os.path.join(site_dir, cfg.data.manifest)
-    samples = read_manifest(manifest, cfg.data.num_classes)
+    samples = read_manifest(manifest, cfg.data.num_classes, cfg.data.class_names)
     if train_limit:
         samples = limit_train(samples, train_limit)
     probe = build_model(cfg, get_method("local"))  # the backbone's input channels and normalization

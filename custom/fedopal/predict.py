@@ -79,7 +79,8 @@ def evaluate_export(folder: str, manifest_path: str, split: str = "test", merged
     """Metrics of an exported model on one split of a site manifest: e.g. a global-only export on a site that never
     trained (README, "Use your trained models")."""
     model, cfg, _ = load_exported(folder, merged=merged, overrides=overrides)
-    samples = select_split(read_input_manifest(manifest_path, cfg.data.num_classes), split, manifest_path)
+    samples = select_split(read_input_manifest(manifest_path, cfg.data.num_classes, cfg.data.class_names), split,
+                           manifest_path)
     metrics = labelled_metrics(samples, predict_probabilities(model, cfg, samples, source=manifest_path,
                                                               device=device))
     if metrics is None:
@@ -88,12 +89,14 @@ def evaluate_export(folder: str, manifest_path: str, split: str = "test", merged
     return metrics
 
 
-def write_predictions(path: str, samples: list[Sample], probs: np.ndarray) -> None:
-    """path, [split], [label], prediction, prob_<class>...; written to a temp file then renamed (no half CSV)."""
+def write_predictions(path: str, samples: list[Sample], probs: np.ndarray, class_names=None) -> None:
+    """path, [split], [label], prediction, prob_<class>...; with data.class_names the labels, predictions and
+    columns are the names. Written to a temp file then renamed (no half CSV)."""
+    names = list(class_names) if class_names else [str(c) for c in range(probs.shape[1])]
     with_split = any(s.split for s in samples)
     with_label = any(s.label != UNLABELED for s in samples)
     header = ["path"] + (["split"] if with_split else []) + (["label"] if with_label else []) + ["prediction"]
-    header += [f"prob_{c}" for c in range(probs.shape[1])]
+    header += [f"prob_{name}" for name in names]
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -103,8 +106,8 @@ def write_predictions(path: str, samples: list[Sample], probs: np.ndarray) -> No
             writer.writerow(header)
             for s, p in zip(samples, probs):
                 row = [s.path] + ([s.split] if with_split else [])
-                row += ([s.label if s.label != UNLABELED else ""] if with_label else [])
-                writer.writerow(row + [int(p.argmax())] + [f"{x:.6f}" for x in p])
+                row += ([names[s.label] if s.label != UNLABELED else ""] if with_label else [])
+                writer.writerow(row + [names[int(p.argmax())]] + [f"{x:.6f}" for x in p])
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     try:
         model, cfg, manifest = load_exported(args.model, merged=args.merged, overrides=parse_overrides(args.set))
         if args.manifest:
-            samples = read_input_manifest(args.manifest, cfg.data.num_classes)
+            samples = read_input_manifest(args.manifest, cfg.data.num_classes, cfg.data.class_names)
             samples = select_split(samples, args.split, args.manifest)
         else:
             samples = find_inputs(args.input)
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        write_predictions(args.out, samples, probs)
+        write_predictions(args.out, samples, probs, cfg.data.class_names)
     except OSError as err:
         print(f"error: cannot write {args.out} ({err.strerror}). Fix: choose a writable --out path.", file=sys.stderr)
         return 2
@@ -152,8 +155,9 @@ def main(argv=None) -> int:
     print(f"{len(samples)} predictions from {where} ({'merged' if args.merged else 'adapters'}) -> {args.out}")
     metrics = labelled_metrics(samples, probs)
     if metrics:
-        print(f"on {metrics['n']} labelled images: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
-              f"accuracy {metrics['accuracy']:.3f}, AUC {metrics['auc']:.3f}")
+        fmt = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"  # noqa: E731  (n/a: one class among the labels)
+        print(f"on {metrics['n']} labelled images: balanced accuracy {fmt(metrics['balanced_accuracy'])}, "
+              f"accuracy {fmt(metrics['accuracy'])}, AUC {fmt(metrics['auc'])}")
     return 0
 
 

@@ -10,6 +10,7 @@ import glob
 import json
 import math
 import os
+import re
 
 from fedopal.site_state import METRICS_FILE, read_metrics, simulation_state_root
 
@@ -30,16 +31,28 @@ def collect_site_records(job_ws: str) -> dict[str, list[dict]]:
     return {site: [rs[k] for k in sorted(rs)] for site, rs in sorted(records.items())}
 
 
+def _defined(v) -> bool:
+    return isinstance(v, (int, float)) and not math.isnan(v)
+
+
+def best_round(records: list[dict], key: str = "personalized/val/balanced_accuracy") -> dict | None:
+    """The record where `key` peaked (ties: the earlier round); None where it is undefined in every round (a val
+    split with one class has no balanced accuracy)."""
+    defined = [r for r in records if _defined(r.get(key, math.nan))]
+    return max(defined, key=lambda r: r[key]) if defined else None
+
+
 def site_row(site: str, records: list[dict]) -> dict:
-    best = max(records, key=lambda r: r["personalized/val/balanced_accuracy"])
+    best = best_round(records)
     final = records[-1]
+    chosen = best or final  # no measurable validation round: report the final round, and say so
     row = {
         "site": site,
-        "best_val_round": best["round"] + 1,  # 1-based, as the progress lines
-        "bacc_personalized": best["personalized/test/balanced_accuracy"],
-        "bacc_global_only": best.get("global_only/test/balanced_accuracy", float("nan")),
-        "accuracy": best["personalized/test/accuracy"],
-        "auc": best["personalized/test/auc"],
+        "best_val_round": best["round"] + 1 if best else "n/a (final)",  # 1-based, as the progress lines
+        "bacc_personalized": chosen["personalized/test/balanced_accuracy"],
+        "bacc_global_only": chosen.get("global_only/test/balanced_accuracy", float("nan")),
+        "accuracy": chosen["personalized/test/accuracy"],
+        "auc": chosen["personalized/test/auc"],
         "bacc_personalized_final": final["personalized/test/balanced_accuracy"],
         "bytes_per_round": final["bytes_sent"],
         "trainable_params": final["trainable_params"],
@@ -54,9 +67,15 @@ def _fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def _nanmean(values):
-    vals = [v for v in values if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
+def covered_mean(values: list[float]) -> tuple[float, int]:
+    """(mean over the defined values, how many there were): a mean must say how many sites it covers."""
+    vals = [v for v in values if _defined(v)]
+    return (sum(vals) / len(vals) if vals else float("nan")), len(vals)
+
+
+def _fmt_mean(mean: float, covered: int, total: int, bold: bool = True) -> str:
+    text = f"**{_fmt(mean)}**" if bold else _fmt(mean)
+    return text if covered == total else f"{text} ({covered}/{total} sites)"
 
 
 def summarize(job_ws: str, cfg, wall_s: float) -> dict:
@@ -65,25 +84,64 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
         raise RuntimeError(f"no site metrics found under {job_ws}: did the job run? See {job_ws}/*/log.txt")
     rows = [site_row(site, rs) for site, rs in records.items()]
     metric_cols = ("bacc_personalized", "bacc_global_only", "accuracy", "auc", "bacc_personalized_final")
-    mean = {c: _nanmean([r[c] for r in rows]) for c in metric_cols}
-    worst = min(rows, key=lambda r: r["bacc_personalized"])
+    means = {c: covered_mean([r[c] for r in rows]) for c in metric_cols}
+    mean = {c: m for c, (m, _) in means.items()}
+    coverage = {c: n for c, (_, n) in means.items()}
+    measured = [r for r in rows if _defined(r["bacc_personalized"])]
+    worst = min(measured, key=lambda r: r["bacc_personalized"]) if measured else None
+    total = len(rows)
+    has_global = any(_defined(r["bacc_global_only"]) for r in rows)
     header = ("| site | best val round | bal. acc. personalized | bal. acc. global-only | accuracy | AUC | "
               "bal. acc. final round | bytes sent / round |")
     lines = [f"### {cfg.name}: {cfg.train.method}, {len(rows)} sites, {cfg.train.num_rounds} rounds "
              f"({cfg.model.backbone}, r={cfg.model.lora_rank}, head {cfg.model.head})", "",
              header, "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {r['site']} | {r['best_val_round']} | " + " | ".join(_fmt(r[c]) for c in metric_cols[:4])
+        lines.append(f"| {r['site']} | {_fmt(r['best_val_round'])} | "
+                     + " | ".join(_fmt(r[c]) for c in metric_cols[:4])
                      + f" | {_fmt(r['bacc_personalized_final'])} | {_fmt(r['bytes_per_round'])} |")
-    lines.append("| **mean** | | " + " | ".join(f"**{_fmt(mean[c])}**" for c in metric_cols[:4])
-                 + f" | {_fmt(mean['bacc_personalized_final'])} | |")
-    lines.append(f"| worst site | {worst['site']} | {_fmt(worst['bacc_personalized'])} | | | | | |")
-    lines += ["", "Test metrics at each site's best-validation round (balanced accuracy is the headline). "
-              f"Wall time {wall_s:.0f} s."]
+    lines.append("| **mean** | | " + " | ".join(
+        _fmt_mean(mean[c], coverage[c], total) if c != "bacc_global_only" or has_global else "**n/a**"
+        for c in metric_cols[:4]) + f" | {_fmt_mean(mean['bacc_personalized_final'], coverage['bacc_personalized_final'], total, bold=False)} | |")
+    if worst is not None:
+        lines.append(f"| worst site | {worst['site']} | {_fmt(worst['bacc_personalized'])} | | | | | |")
+    notes = ["Test metrics at each site's best-validation round (balanced accuracy is the headline)."]
+    if any(not _defined(r[c]) for r in rows for c in ("bacc_personalized", "auc")):
+        notes.append("n/a: undefined on that site's split (one class present: no balanced accuracy or AUC); a mean "
+                     "over fewer sites says how many it covers.")
+    if any(isinstance(r["best_val_round"], str) for r in rows):
+        notes.append("n/a (final): the validation split cannot rank rounds (one class), so the final round is shown.")
+    lines += ["", " ".join(notes) + f" Wall time {wall_s:.0f} s."]
     return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean,
-            "worst_site": {"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]},
+            "mean_sites": coverage,
+            "worst_site": ({"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]} if worst
+                           else None),
             "wall_s": round(wall_s, 1), "workspace": job_ws, "config": cfg.model_dump(mode="json"),
             "markdown": "\n".join(lines)}
+
+
+# a site's own one-line errors (DataError, StateError, BackboneError, ...), as the site's log records them
+_FEDOPAL_ERROR = re.compile(r"^fedopal\.[\w.]+\.(\w+Error): (.+)$")
+_ANY_ERROR = re.compile(r"^([\w.]+(?:Error|Exception)): (.+)$")
+
+
+def simulation_failure(job_ws: str) -> str:
+    """One line for a simulation that failed: the failing site, its own error, and where its log is."""
+    logs = sorted(glob.glob(os.path.join(job_ws, "*", "log.txt")))
+    for pattern in (_FEDOPAL_ERROR, _ANY_ERROR):
+        for log in logs:
+            if os.path.basename(os.path.dirname(log)) == "server":
+                continue
+            with open(log, errors="replace") as f:
+                for line in f:
+                    match = pattern.match(line.strip())
+                    if match and "abort" not in match.group(2):
+                        site = os.path.basename(os.path.dirname(log))
+                        text = match.group(2) if pattern is _FEDOPAL_ERROR else f"{match.group(1)}: {match.group(2)}"
+                        return f"{site}: {text} (log: {log})"
+    server_log = os.path.join(job_ws, "server", "log.txt")
+    return (f"the simulation failed and no site logged an error. Fix: read {server_log if os.path.isfile(server_log) else job_ws} "
+            "for the cause.")
 
 
 def plot_rounds(records: dict[str, list[dict]], path: str, title: str) -> None:

@@ -28,7 +28,8 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     root: str = Field("data/demo_federation", description="folder holding one sub-folder per site")
     manifest: str = Field("manifest.csv", description="manifest file name inside each site folder")
-    spatial_dims: Literal[2, 3] = Field(2, description="2: PNG/JPEG/NPY images; 3: NIfTI (or NPY) volumes")
+    spatial_dims: Literal[2, 3] = Field(2, description="2: PNG/JPEG/DICOM/NPY/NIfTI images; 3: NIfTI, DICOM series "
+                                                       "(a folder per volume) or NPY volumes")
     image_size: int = Field(64, ge=8, le=1024, description="images/volumes are brought to this size per axis")
     spatial_mode: Literal["resize", "crop"] = Field(
         "resize", description="reach image_size by resizing, or by center crop / zero pad")
@@ -36,18 +37,45 @@ class DataConfig(_Section):
                                        description="3D: reorient to these axis codes, e.g. RAS")
     spacing: Optional[tuple[float, float, float]] = Field(None, description="3D: resample to this voxel size (mm)")
     intensity_range: Optional[tuple[float, float]] = Field(
-        None, description="map [lo, hi] to [0, 1] and clip; default 0..255 for 8-bit images, per-volume min-max "
-                          "for NIfTI")
-    in_channels: int = Field(1, ge=1, le=4, description="channels of the stored images")
-    channel_adapt: Literal["repeat", "error"] = Field(
-        "repeat", description="1-channel data into a 3-channel backbone: repeat the channel, or stop")
-    num_classes: int = Field(2, ge=2, le=1000)
+        None, description="map [lo, hi] of the stored values (DICOM: after RescaleSlope/Intercept, e.g. a CT window "
+                          "in HU) to [0, 1] and clip; default: each file's own bit depth (8, 16, DICOM BitsStored), "
+                          "min-max per file for signed or float arrays")
+    window_from_file: bool = Field(
+        False, description="DICOM: map each file's own WindowCenter/WindowWidth (the first one) to [0, 1]")
+    in_channels: int = Field(1, ge=1, le=4, description="channels of NPY/NIfTI arrays (a trailing axis of this size "
+                                                        "is read as channels) and of a MONAI ViT's input; PNG, JPEG "
+                                                        "and DICOM files say their own")
+    channel_adapt: Literal["adapt", "repeat", "error"] = Field(
+        "adapt", description="each file's channels into the backbone's: adapt (gray repeated, RGB to gray by "
+                             "luminance; 'repeat' is its older name), or error")
+    num_classes: int = Field(2, ge=2, le=1000, description="default: the number of data.class_names")
+    class_names: Optional[list[str]] = Field(
+        None, min_length=2, description="class names in index order, e.g. [normal, pneumonia]: manifests may use "
+                                        "them as labels; predictions and tables show them")
     augment: bool = Field(True, description="light augmentation of the training split")
     cache_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of each split MONAI caches")
     batch_size: int = Field(32, ge=1, le=4096, description="images per optimizer step and site (with "
                                                           "train.nproc_per_site > 1: split across the processes)")
     num_workers: int = Field(0, ge=0, le=64, description="data-loading worker processes per site process (0: load "
                                                          "in the training process); results do not depend on it")
+
+    @model_validator(mode="after")
+    def _classes(self) -> "DataConfig":
+        names = self.class_names
+        if names is None:
+            return self
+        if len(set(names)) != len(names) or any(not str(n).strip() for n in names):
+            raise ValueError(f"data.class_names {names} repeats a name or holds an empty one; give each class one "
+                             "distinct name")
+        if "num_classes" not in self.model_fields_set:
+            object.__setattr__(self, "num_classes", len(names))
+        elif self.num_classes != len(names):
+            raise ValueError(f"data.num_classes is {self.num_classes} but data.class_names names {len(names)} "
+                             f"classes; set data.num_classes: {len(names)} or drop it")
+        return self
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if self.class_names else str(index)
 
 
 class VitConfig(_Section):

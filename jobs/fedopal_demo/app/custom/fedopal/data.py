@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,30 +16,24 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
     RandFlipd,
-    RepeatChanneld,
     Resized,
     ResizeWithPadOrCropd,
-    ScaleIntensityd,
-    ScaleIntensityRanged,
     Spacingd,
 )
 
+from fedopal.readers import (FAMILY, FORMATS, AdaptChannelsd, DataError, DecodeImaged, DecodeOptions, format_of,
+                             layout, suffix_of)
+
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split")
-# file suffix -> (MONAI reader, format family); one family per site
-READERS = {".png": ("PILReader", "image"), ".jpg": ("PILReader", "image"), ".jpeg": ("PILReader", "image"),
-           ".npy": ("NumpyReader", "array"), ".nii": ("NibabelReader", "nifti"), ".nii.gz": ("NibabelReader", "nifti")}
-
-
-class DataError(ValueError):
-    """Bad site data; the message names the file, the row or field, and the fix."""
+# MONAI's readers behind each family (readers.py): PNG/JPEG PILReader, NPY NumpyReader, NIfTI NibabelReader,
+# DICOM PydicomReader. One family per site.
+READERS = FORMATS
 
 
 def resolve_path(path: str) -> str:
@@ -57,35 +52,73 @@ class Sample:
     split: str
 
 
-def read_manifest(manifest_path: str, num_classes: int) -> list[Sample]:
+def read_csv(manifest_path: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(row number, row)]): a spreadsheet's CSV as it comes (UTF-8 with or without a BOM, CRLF or LF),
+    header names and cells stripped of spaces, fully empty rows skipped."""
+    try:
+        with open(manifest_path, newline="", encoding="utf-8-sig") as f:
+            lines = list(csv.reader(f))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{manifest_path}: not UTF-8 text (byte {err.start}). Fix: save the manifest as "
+                        "'CSV UTF-8'.") from None
+    header = [h.strip() for h in (lines[0] if lines else [])]
+    rows = [(n, dict(zip(header, (v.strip() for v in line)))) for n, line in enumerate(lines[1:], start=2)
+            if any(v.strip() for v in line)]
+    return header, rows
+
+
+def parse_label(text: str, num_classes: int, class_names, where: str) -> int:
+    """A class index, or (with data.class_names) a class name: both map to the same index on every site."""
+    if class_names and text in class_names:
+        return list(class_names).index(text)
+    try:
+        label = int(text)
+    except (TypeError, ValueError):
+        if class_names:
+            raise DataError(f"{where}: label {text!r} is neither one of data.class_names ({', '.join(class_names)}) "
+                            f"nor a class index 0..{num_classes - 1}. Fix: correct the label, or add the class to "
+                            "data.class_names.") from None
+        raise DataError(f"{where}: label {text!r} is not an integer. Fix: use class indices 0..{num_classes - 1}, "
+                        "or name the classes in data.class_names.") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} is out of range 0..{num_classes - 1}. "
+                        "Fix: correct the label or set data.num_classes.")
+    return label
+
+
+def _row_path(base: str, text: str, where: str) -> str:
+    path = text if os.path.isabs(text) else os.path.join(base, text)
+    if not text or not (os.path.isfile(path) or os.path.isdir(path)):  # a folder is one DICOM series
+        raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
+    return path
+
+
+def read_manifest(manifest_path: str, num_classes: int, class_names=None) -> list[Sample]:
     if not os.path.isfile(manifest_path):
         raise DataError(f"{manifest_path}: manifest not found. Fix: create it (columns path,label,split) "
                         "or point data.root at the folder holding one sub-folder per site.")
     base = os.path.dirname(os.path.abspath(manifest_path))
-    with open(manifest_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{manifest_path}: missing column(s) {missing}; found {reader.fieldnames}. "
-                            "Fix: the header must be path,label,split.")
-        samples = []
-        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
-            where = f"{manifest_path}:{row_no}"
-            try:
-                label = int(row["label"])
-            except (TypeError, ValueError):
-                raise DataError(f"{where}: label {row['label']!r} is not an integer. "
-                                f"Fix: use class indices 0..{num_classes - 1}.") from None
-            if not 0 <= label < num_classes:
-                raise DataError(f"{where}: label {label} is out of range 0..{num_classes - 1}. "
-                                "Fix: correct the label or set data.num_classes.")
-            split = (row["split"] or "").strip()
-            if split not in SPLITS:
-                raise DataError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}. Fix: correct the row.")
-            path = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
-            if not os.path.isfile(path):
-                raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
-            samples.append(Sample(path, label, split))
+    header, rows = read_csv(manifest_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{manifest_path}: missing column(s) {missing}; found {header}. "
+                        "Fix: the header must be path,label,split.")
+    samples, seen = [], {}
+    for row_no, row in rows:
+        where = f"{manifest_path}:{row_no}"
+        label = parse_label(row.get("label", ""), num_classes, class_names, where)
+        split = row.get("split", "")
+        if split not in SPLITS:
+            raise DataError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}. Fix: correct the row.")
+        path = _row_path(base, row.get("path", ""), where)
+        key = os.path.realpath(path)
+        if key in seen and seen[key][1] != split:
+            first_row, first_split = seen[key]
+            raise DataError(f"{where}: {path} is in the '{split}' split and, at row {first_row}, in the "
+                            f"'{first_split}' split. Fix: keep each file in one split (a file in train and test "
+                            "inflates the test metrics).")
+        seen.setdefault(key, (row_no, split))
+        samples.append(Sample(path, label, split))
     if not samples:
         raise DataError(f"{manifest_path}: the site has no rows. Fix: list this site's images in the manifest.")
     for split in SPLITS:
@@ -95,66 +128,94 @@ def read_manifest(manifest_path: str, num_classes: int) -> list[Sample]:
     return samples
 
 
-def suffix_of(path: str) -> str:
-    lower = path.lower()
-    return ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
-
-
-def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "") -> str:
+def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "", in_channels: int = 1) -> str:
     """The site's one format family; 2D files in a 3D config (and the reverse) stop here, before training."""
-    suffixes = {suffix_of(s.path) for s in samples}
-    unknown = sorted(suffixes - set(READERS))
+    formats = {s.path: format_of(s.path) for s in samples}
+    unknown = sorted({suffix_of(p) or os.path.basename(p) for p, f in formats.items() if f is None})
     if unknown:
         raise DataError(f"{manifest_path}: unsupported file type(s) {unknown}. "
-                        f"Fix: use one of {', '.join(READERS)}.")
-    families = {READERS[x][1] for x in suffixes}
+                        f"Fix: use one of {', '.join(FORMATS)} (or a folder holding one DICOM series).")
+    families = {FAMILY[f] for f in formats.values()}
     if len(families) > 1:
-        raise DataError(f"{manifest_path}: mixed file types {sorted(suffixes)}. Fix: one format per site.")
+        raise DataError(f"{manifest_path}: mixed file types {sorted({suffix_of(p) or 'folder' for p in formats})}. "
+                        "Fix: one format family per site (PNG/JPEG, NPY, NIfTI or DICOM).")
     family = families.pop()
     if spatial_dims == 3 and family == "image":
-        raise DataError(f"{manifest_path}: data.spatial_dims is 3 but the site holds 2D images ({sorted(suffixes)}). "
-                        "Fix: point the manifest at NIfTI volumes, or set data.spatial_dims: 2.")
-    if family == "nifti":
-        import nibabel as nib
-
-        first = samples[0].path
+        raise DataError(f"{manifest_path}: data.spatial_dims is 3 but the site holds 2D images "
+                        f"({sorted({suffix_of(p) for p in formats})}). "
+                        "Fix: point the manifest at NIfTI volumes or DICOM series, or set data.spatial_dims: 2.")
+    first = samples[0].path
+    if family in ("nifti", "array"):  # the header says the shape: a 2D/3D mix-up stops before any decoding
         try:
-            shape = nib.load(first).shape
-        except Exception as err:  # nibabel raises several types for a truncated or foreign file
-            raise DataError(f"{first}: not a readable NIfTI file ({type(err).__name__}: {_first_line(err)}). "
-                            "Fix: re-export the volume or remove its row.") from None
-        ndim = len([d for d in shape if d > 1])
-        if ndim != spatial_dims:
-            raise DataError(f"{first}: a {ndim}D NIfTI in a config with data.spatial_dims {spatial_dims}. "
-                            f"Fix: set data.spatial_dims: {ndim}, or use {spatial_dims}D files.")
+            if family == "nifti":
+                import nibabel as nib
+
+                shape = nib.load(first).shape
+            else:
+                shape = np.load(first, mmap_mode="r").shape
+        except Exception as err:  # nibabel and numpy raise several types for a truncated or foreign file
+            raise DataError(f"{first}: not a readable {'NIfTI' if family == 'nifti' else '.npy'} file "
+                            f"({type(err).__name__}: {_first_line(err)}). Fix: re-export it or remove its row.") from None
+        layout(tuple(shape), DecodeOptions(spatial_dims, in_channels), first)
     return family
 
 
-def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image") -> Compose:
-    """One declared pipeline for 2D and 3D: the two differ only in the steps listed.
+class SitePipeline(Compose):
+    """A Compose whose failure, in any step, is one line naming the file (MONAI wraps a step's error in
+    `applying transform <... object at 0x...>`, which names neither the file nor the cause)."""
 
-    load -> channel first -> (orientation, spacing: 3D) -> intensity to [0, 1] -> size -> (augment: train)
-    -> channel adaptation -> normalization of the backbone's pretraining -> tensors
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except Exception as err:
+            raise pipeline_error(err, input_) from None
+
+
+def pipeline_error(err: BaseException, item) -> DataError:
+    chain, cause = [], err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for e in chain:
+        if isinstance(e, DataError):
+            text = str(e)
+            path = _item_path(item)
+            return e if not path or path in text else DataError(f"{path}: {text}")
+    step = next((m.group(1).rsplit(".", 1)[-1] for e in chain for m in [re.search(r"<([\w.]+) object", str(e))] if m),
+                "a pipeline step")
+    root = chain[-1]
+    return DataError(f"{_item_path(item) or 'an input'}: failed in {step} ({type(root).__name__}: "
+                     f"{_first_line(root)}). Fix: run python -m fedopal.validate --deep on this site; re-export "
+                     "the file or remove its row.")
+
+
+def _item_path(item) -> str:
+    image = item.get("image") if isinstance(item, dict) else None
+    if isinstance(image, str):
+        return image
+    return str(getattr(image, "meta", {}).get("filename_or_obj", "") or "")
+
+
+def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image") -> Compose:
+    """One declared pipeline for 2D and 3D, whatever the format: the two differ only in the steps listed.
+
+    decode (per file: read, layout, intensity to [0, 1]; readers.py) -> (orientation, spacing: 3D) -> size
+    -> (augment: train) -> channels adapted to the backbone (per file) -> the backbone's normalization -> tensors.
+    `family` is kept for callers; each file is read by the reader of its own format.
     """
     keys = ["image"]
     dims = data_cfg.spatial_dims
     size = (data_cfg.image_size,) * dims
-    reader = {"image": "PILReader", "array": "NumpyReader", "nifti": "NibabelReader"}[family]
-    steps = [
-        LoadImaged(keys, reader=reader, image_only=True),
-        EnsureChannelFirstd(keys, channel_dim="no_channel" if data_cfg.in_channels == 1 else -1),
-    ]
+    adapt = data_cfg.channel_adapt != "error"
+    if not adapt and model_in_channels != data_cfg.in_channels:
+        raise DataError(
+            f"data.in_channels={data_cfg.in_channels} but the backbone expects {model_in_channels} channels "
+            "(data.channel_adapt=error). Fix: convert the images, or set data.channel_adapt: adapt.")
+    steps = [DecodeImaged(keys, DecodeOptions.from_config(data_cfg))]
     if dims == 3 and data_cfg.orientation:
         steps.append(Orientationd(keys, axcodes=data_cfg.orientation))
     if dims == 3 and data_cfg.spacing:
         steps.append(Spacingd(keys, pixdim=data_cfg.spacing, mode="bilinear"))
-    if data_cfg.intensity_range:
-        lo, hi = data_cfg.intensity_range
-        steps.append(ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
-    elif family == "image":
-        steps.append(ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
-    else:
-        steps.append(ScaleIntensityd(keys, minv=0.0, maxv=1.0))
     if data_cfg.spatial_mode == "resize":
         steps.append(Resized(keys, spatial_size=size, mode="bilinear" if dims == 2 else "trilinear"))
     else:
@@ -164,21 +225,13 @@ def build_transforms(data_cfg, model_in_channels: int, normalization, train: boo
                                  scale_range=(0.1,) * dims, translate_range=(2,) * dims, padding_mode="border"))
         if dims == 3:
             steps.append(RandFlipd(keys, prob=0.5, spatial_axis=0))
-    if model_in_channels != data_cfg.in_channels:
-        if data_cfg.in_channels == 1 and data_cfg.channel_adapt == "repeat":
-            steps.append(RepeatChanneld(keys, repeats=model_in_channels))
-        else:
-            raise DataError(
-                f"data.in_channels={data_cfg.in_channels} but the backbone expects {model_in_channels} channels "
-                f"(data.channel_adapt={data_cfg.channel_adapt}). Fix: convert the images, or use 1-channel data "
-                "with channel_adapt: repeat."
-            )
+    steps.append(AdaptChannelsd(keys, model_in_channels, allow=adapt))
     if normalization is not None:
         mean, std = normalization
         steps.append(NormalizeIntensityd(keys, subtrahend=mean[:model_in_channels], divisor=std[:model_in_channels],
                                          channel_wise=True))
     steps.append(EnsureTyped(keys + ["label"], track_meta=False))
-    return Compose(steps)
+    return SitePipeline(steps)
 
 
 class SeededCacheDataset(CacheDataset):
@@ -202,7 +255,7 @@ def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, norm
                    manifest_path: str = "", seed: int = 0) -> dict[str, CacheDataset]:
     """One CacheDataset per split; the deterministic steps are cached once per job, augmentation of the training
     split runs per pass, seeded per item (SeededCacheDataset: the same seed gives the same augmented images)."""
-    family = file_format(samples, data_cfg.spatial_dims, manifest_path)
+    family = file_format(samples, data_cfg.spatial_dims, manifest_path, data_cfg.in_channels)
     datasets = {}
     for split in SPLITS:
         items = [{"image": s.path, "label": s.label} for s in samples if s.split == split]
@@ -212,6 +265,8 @@ def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, norm
         try:
             datasets[split] = SeededCacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
                                                  progress=False, copy_cache=False)
+        except DataError:  # the pipeline's own one line names the file
+            raise
         except Exception as err:  # MONAI wraps reader errors; name the file for the user
             raise DataError(f"{manifest_path}: could not read an image of the '{split}' split: "
                             f"{_first_line(err)}. Fix: replace or remove the corrupt file.") from None
@@ -285,7 +340,8 @@ UNLABELED = -1  # the label of an input that has none (new scans to predict)
 
 
 def find_inputs(inputs: list[str]) -> list[Sample]:
-    """Files and folders (searched recursively, sorted) -> unlabeled samples of the supported file types."""
+    """Files and folders (searched recursively, sorted) -> unlabeled samples of the supported file types
+    (DICOM by suffix; a DICOM series, one folder per volume, is listed with --manifest)."""
     paths = []
     for given in inputs:
         if os.path.isfile(given):
@@ -302,34 +358,23 @@ def find_inputs(inputs: list[str]) -> list[Sample]:
     return [Sample(os.path.abspath(p), UNLABELED, "") for p in paths]
 
 
-def read_input_manifest(manifest_path: str, num_classes: int) -> list[Sample]:
+def read_input_manifest(manifest_path: str, num_classes: int, class_names=None) -> list[Sample]:
     """A manifest of images to predict: `path` is required; `label` and `split` are optional (a site's training
     manifest works as it is). Rows are checked as in read_manifest; labels may be left empty."""
     if not os.path.isfile(manifest_path):
         raise DataError(f"{manifest_path}: manifest not found. Fix: pass a CSV with a 'path' column "
                         "(optional: label, split).")
     base = os.path.dirname(os.path.abspath(manifest_path))
-    with open(manifest_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if "path" not in (reader.fieldnames or []):
-            raise DataError(f"{manifest_path}: no 'path' column; found {reader.fieldnames}. "
-                            "Fix: the header must name a path column (optional: label, split).")
-        samples = []
-        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
-            where = f"{manifest_path}:{row_no}"
-            text = (row.get("label") or "").strip()
-            try:
-                label = int(text) if text else UNLABELED
-            except ValueError:
-                raise DataError(f"{where}: label {text!r} is not an integer. "
-                                f"Fix: use class indices 0..{num_classes - 1}, or leave it empty.") from None
-            if label != UNLABELED and not 0 <= label < num_classes:
-                raise DataError(f"{where}: label {label} is out of range 0..{num_classes - 1}. "
-                                "Fix: correct the label, or leave it empty.")
-            path = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
-            if not os.path.isfile(path):
-                raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
-            samples.append(Sample(path, label, (row.get("split") or "").strip()))
+    header, rows = read_csv(manifest_path)
+    if "path" not in header:
+        raise DataError(f"{manifest_path}: no 'path' column; found {header}. "
+                        "Fix: the header must name a path column (optional: label, split).")
+    samples = []
+    for row_no, row in rows:
+        where = f"{manifest_path}:{row_no}"
+        text = row.get("label", "")
+        label = parse_label(text, num_classes, class_names, where) if text else UNLABELED
+        samples.append(Sample(_row_path(base, row.get("path", ""), where), label, row.get("split", "")))
     if not samples:
         raise DataError(f"{manifest_path}: no rows. Fix: list the images to predict, one per row.")
     return samples
@@ -341,14 +386,13 @@ class _NamedFileDataset(Dataset):
     def _transform(self, index: int):
         try:
             return super()._transform(index)
-        except Exception as err:  # MONAI wraps reader errors in several types
-            raise DataError(f"{self.data[index]['image']}: could not be read ({_first_line(err)}). "
-                            "Fix: replace or remove the file.") from None
+        except Exception as err:  # the pipeline names the file already; anything else, name it here
+            raise pipeline_error(err, self.data[index]) from None
 
 
 def build_inference_dataset(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
                             source: str = "") -> Dataset:
     """The evaluation pipeline (no augmentation) over a list of samples, labelled or not."""
-    family = file_format(samples, data_cfg.spatial_dims, source)
+    family = file_format(samples, data_cfg.spatial_dims, source, data_cfg.in_channels)
     transform = build_transforms(data_cfg, model_in_channels, normalization, train=False, family=family)
     return _NamedFileDataset([{"image": s.path, "label": s.label} for s in samples], transform)

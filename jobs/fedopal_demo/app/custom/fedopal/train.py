@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from fedopal.adapters import FedOpalModel
 from fedopal.data import batch_sizes, loader, shard_sizes
@@ -21,21 +21,31 @@ from fedopal.orthogonality import RepresentationOrthogonality, weight_orthogonal
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Balanced accuracy (headline), accuracy, ROC-AUC (one-vs-rest for multi-class; NaN if one class)."""
+    """Balanced accuracy (headline), accuracy, ROC-AUC, defined for any subset of the classes present in `labels`:
+
+    - accuracy: always;
+    - balanced accuracy: the mean recall over the classes present; NaN (reported n/a) with one class present;
+    - AUC: NaN with one class; with exactly two of the classes, the binary AUC of those two (each score
+      renormalized over the pair); with more, one-vs-rest over the classes present (sklearn's ovr with
+      labels=present treats two labels as a binary problem and then rejects a 2-column score array).
+    """
+    labels = np.asarray(labels).reshape(-1).astype(int)
     preds = probs.argmax(axis=1)
     present = np.unique(labels)
+    nan = float("nan")
+    if len(labels) == 0:
+        return {"balanced_accuracy": nan, "accuracy": nan, "auc": nan}
     if len(present) < 2:
-        auc = float("nan")
-    elif probs.shape[1] == 2:
-        auc = float(roc_auc_score(labels, probs[:, 1]))
+        bacc = auc = nan
     else:
-        auc = float(roc_auc_score(labels, probs[:, present] / probs[:, present].sum(1, keepdims=True),
-                                  multi_class="ovr", labels=present))
-    return {
-        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
-        "accuracy": float(accuracy_score(labels, preds)),
-        "auc": auc,
-    }
+        bacc = float(np.mean([np.mean(preds[labels == c] == c) for c in present]))
+        pair = probs[:, present]
+        pair = pair / np.clip(pair.sum(1, keepdims=True), 1e-12, None)
+        if len(present) == 2:
+            auc = float(roc_auc_score(labels == present[1], pair[:, 1]))
+        else:
+            auc = float(roc_auc_score(labels, pair, multi_class="ovr", labels=present))
+    return {"balanced_accuracy": bacc, "accuracy": float(np.mean(preds == labels)), "auc": auc}
 
 
 class InstanceWeighting:
