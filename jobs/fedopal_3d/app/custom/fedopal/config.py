@@ -100,6 +100,9 @@ class ModelConfig(_Section):
     target_modules: Optional[str] = Field(None, description="regex over module names; default: per backbone")
     head: Literal["shared", "personal"] = Field(
         "personal", description="where the task head lives (dual methods); personal won the benchmark's head study")
+    fused_adapters: bool = Field(
+        True, description="run each adapted layer's active LoRA adapters as one product (and the representation "
+                          "loss in rank space); false: peft's own forward, one adapter at a time (the reference)")
     gradient_checkpointing: bool = Field(
         False, description="recompute each transformer block in the backward pass (backbones hf and monai_vit): "
                            "less activation memory for large images or batches, about a third more compute")
