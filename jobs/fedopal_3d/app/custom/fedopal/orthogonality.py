@@ -20,35 +20,36 @@ def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_penalty(g: torch.Tensor, p: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """||g p^T||_F^2 for row-vector sets g (r_g x d) and p (r_p x d); cosine form if normalized."""
+    """sum over the batch of ||g p^T||_F^2, for row-vector sets g (L x r_g x d) and p (L x r_p x d); cosine form if
+    normalized."""
     if normalize:
-        g = F.normalize(g, dim=1, eps=EPS)
-        p = F.normalize(p, dim=1, eps=EPS)
-    return (g @ p.T).pow(2).sum()
+        g = F.normalize(g, dim=-1, eps=EPS)
+        p = F.normalize(p, dim=-1, eps=EPS)
+    return (g @ p.transpose(-1, -2)).pow(2).sum()
 
 
 def weight_orthogonality(layers, orth_on: str = "A", normalize: bool = False) -> torch.Tensor:
     """Sum over adapted layers. The global adapter is detached: within a round the personal adapter
-    moves away from the shared subspace, not the reverse (the shared one is averaged by the server)."""
-    total = None
+    moves away from the shared subspace, not the reverse (the shared one is averaged by the server).
+    Layers whose factors have equal shapes are stacked and penalized in one batched product (dozens of tiny
+    products per step would be launch-bound on a GPU)."""
+    pairs: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for _, layer in layers:
         if "global" not in layer.lora_A or "personal" not in layer.lora_A:
             continue
-        terms = []
         if orth_on in ("A", "AB"):
             a_g = _as_matrix(layer.lora_A["global"].weight).detach()
             a_p = _as_matrix(layer.lora_A["personal"].weight)
-            terms.append(_pair_penalty(a_g, a_p, normalize))
+            pairs.setdefault(("A", a_g.shape, a_p.shape), []).append((a_g, a_p))
         if orth_on in ("B", "AB"):
             # columns of B span the output subspace: compare B^T rows
             b_g = _as_matrix(layer.lora_B["global"].weight).T.detach()
             b_p = _as_matrix(layer.lora_B["personal"].weight).T
-            terms.append(_pair_penalty(b_g, b_p, normalize))
-        for t in terms:
-            total = t if total is None else total + t
-    if total is None:
+            pairs.setdefault(("B", b_g.shape, b_p.shape), []).append((b_g, b_p))
+    if not pairs:
         raise ValueError("weight orthogonality needs layers holding both a 'global' and a 'personal' adapter")
-    return total
+    return sum(_pair_penalty(torch.stack([g for g, _ in group]), torch.stack([p for _, p in group]), normalize)
+               for group in pairs.values())
 
 
 def cos_squared(u_g: torch.Tensor, u_p: torch.Tensor, feature_dim: int) -> torch.Tensor:
