@@ -18,33 +18,41 @@ def test_bench_harness_end_to_end(small_federation, tmp_path, capsys):
     root, _ = small_federation
     raw = tiny_config(root).model_dump(mode="json")
     raw["train"].update(num_rounds=1, local_steps=1)
-    raw["bench"] = {"methods": ["local", "fedopal_w"], "seeds": [0, 1], "lr_grid": [0.001, 0.003],
-                    "studies": {"lambda_methods": ["fedopal_w"], "orth_lambda": [0.1], "methods": [],
-                                "head": [], "lora_rank": []},
+    raw["model"]["head"] = None  # every method at its own design: fedopal_p's head is personal
+    raw["bench"] = {"methods": ["local", "fedopal_p"], "seeds": [0, 1], "lr_grid": [0.001, 0.003],
+                    "studies": {"lambda_methods": [], "methods": [], "head": [], "lora_rank": [],
+                                "same_head": "shared"},
                     "out_dir": str(tmp_path / "out")}
     config = tmp_path / "bench.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert bench_main(["--config", str(config), "--workspace", str(tmp_path / "ws")]) == 0
     out = tmp_path / "out"
     printed = capsys.readouterr().out
-    assert "[1/6]" in printed and "fedopal_w" in printed  # 4 tuning runs + 2 more seeds; the study reuses them
+    # 4 tuning runs + 2 more seeds; the same-head study adds fedopal_p with a shared head (local keeps its own)
+    assert "[1/8]" in printed and "fedopal_p" in printed
 
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert {r["method"] for r in rows} == {"local", "fedopal_w"}
+    assert {r["method"] for r in rows} == {"local", "fedopal_p"}
     assert {r["seed"] for r in rows} == {"0", "1"} and {r["site"] for r in rows} == {"site-1", "site-2"}
-    assert {r["eval"] for r in rows if r["method"] == "fedopal_w"} == {"personalized", "global_only"}
+    assert {r["eval"] for r in rows if r["method"] == "fedopal_p"} == {"personalized", "global_only"}
     assert {r["eval"] for r in rows if r["method"] == "local"} == {"personalized"}
     assert all(float(r["bytes_per_round"]) == 0 for r in rows if r["method"] == "local")
-    assert all(float(r["bytes_per_round"]) > 0 for r in rows if r["method"] == "fedopal_w")
+    assert all(float(r["bytes_per_round"]) > 0 for r in rows if r["method"] == "fedopal_p")
+    # the diagnostics: exactly orthogonal A for fedopal_p, nothing for a one-adapter method
+    assert all(abs(float(r["overlap_A"])) < 1e-6 and 0 <= float(r["overlap_u"]) <= 1 and float(r["random_A"]) > 0
+               for r in rows if r["method"] == "fedopal_p")
+    assert all(r["overlap_A"] == "" for r in rows if r["method"] == "local")
     chosen = json.load(open(out / "chosen.json"))
     for method, scores in chosen["tuning"].items():  # the choice is the best validation score
         assert float(max(scores, key=scores.get)) == chosen["chosen_lr"][method]
     md = open(out / "summary.md").read()
-    assert "| fedopal_w | personalized |" in md and "Reading" in md and "fedopal_w vs fedavg_lora" not in md
-    assert "## fedopal_w: lambda" in open(out / "studies.md").read()
+    assert "| fedopal_p | personalized |" in md and "Reading" in md and "| fedopal_p | 0.0000" in md
+    studies = open(out / "studies.md").read()
+    assert "## same head for all (shared)" in studies and "| fedopal_p (shared) |" in studies
+    assert "| local (personal) |" in studies
     for png in ("per_site.png", "rounds.png"):
         assert (out / png).stat().st_size > 1000
-    assert len(os.listdir(out / "runs")) == 6
+    assert len(os.listdir(out / "runs")) == 8
 
     # a second invocation reuses every finished run
     assert bench_main(["--config", str(config), "--workspace", str(tmp_path / "ws")]) == 0

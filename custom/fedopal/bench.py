@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 
 from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.device import DeviceError, check_precision, resolve_device
+from fedopal.methods import get_method
 from fedopal.report import best_round, collect_site_records, covered_mean
 
 EVALS = ("personalized", "global_only")
+DIAGNOSTICS = ("overlap_A", "overlap_B", "overlap_u", "random_A", "random_B", "random_u")
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,11 @@ class RunSpec:
         return FedOpalConfig.model_validate(raw)
 
 
-def default_spec(base: FedOpalConfig, method: str, seed: int, lr: float) -> RunSpec:
-    return RunSpec(method, seed, lr, base.train.orth_lambda, base.model.head, base.model.lora_rank,
+def default_spec(base: FedOpalConfig, method: str, seed: int, lr: float, head: str | None = None) -> RunSpec:
+    """A run of `method` as the base config says; the head where the method's own design puts it, or `head` (else
+    model.head) where the method allows it. The spec names the head actually used, so equal runs share a cache."""
+    head = get_method(method, head or base.model.head).head
+    return RunSpec(method, seed, lr, base.train.orth_lambda, head, base.model.lora_rank,
                    base.federation.transfer_dtype)
 
 
@@ -115,6 +120,8 @@ def site_results(result: dict, view: str) -> list[dict]:
             "final_balanced_accuracy": records[-1][f"{view}/test/balanced_accuracy"],
             "bytes_per_round": result["bytes_received"].get(site, 0.0),
             "trainable_params": records[-1]["trainable_params"],
+            # dual methods: how far apart the adapters are at that round (diagnostics.py); "" for one adapter
+            **{k: best.get(k, "") for k in DIAGNOSTICS},
         })
     return rows
 
@@ -225,6 +232,11 @@ class Bench:
                 out[f"{method}: {study}"] = [
                     (label, [RunSpec(**{**d.__dict__, "seed": s, **change}) for s in seeds])
                     for label, change in values]
+        if st.same_head:  # every method with one head placement, where its design allows it to move
+            out[f"same head for all ({st.same_head})"] = [
+                (f"{m} ({get_method(m, st.same_head).head})",
+                 [default_spec(self.base, m, s, lrs.get(m, self.base.bench.lr_grid[0]), st.same_head) for s in seeds])
+                for m in self.base.bench.methods]
         return out
 
     def planned_total(self) -> int:
@@ -271,7 +283,7 @@ class Bench:
 
 def write_csv(main: dict[str, list[dict]], path: str) -> None:
     cols = ["method", "seed", "site", "eval", "balanced_accuracy", "accuracy", "auc", "best_round",
-            "final_balanced_accuracy", "bytes_per_round", "trainable_params", "wall_s", "lr"]
+            "final_balanced_accuracy", "bytes_per_round", "trainable_params", "wall_s", "lr", *DIAGNOSTICS]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -306,7 +318,27 @@ def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
     for method, scores in bench.tuning.items():
         lines.append(f"| {method} | " + " | ".join(f"{scores[lr]:.3f}" for lr in bench.base.bench.lr_grid)
                      + f" | {bench.chosen_lr[method]:g} |")
-    lines += ["", reading(main)]
+    lines += ["", diagnostics_markdown(main), "", reading(main)]
+    return "\n".join(lines)
+
+
+def diagnostics_markdown(main: dict[str, list[dict]]) -> str:
+    """Mean over seeds and sites, at each site's best-validation round, of how far apart the two adapters are."""
+    lines = ["How far apart the two adapters are at the best-validation round (mean over sites and seeds; "
+             "`diagnostics.py`): mean cos² of the principal angles between the row spaces of A_g and A_p "
+             "(overlap A) and the column spaces of B_g and B_p (overlap B), and mean cos²(u_g, u_p) on validation "
+             "(overlap u); in brackets what random subspaces of the same widths give.", "",
+             "| method | overlap A (random) | overlap B (random) | overlap u (random) |", "|---|---|---|---|"]
+    for method, results in main.items():
+        rows = [row for r in results for row in site_results(r, "personalized") if row.get("overlap_A") != ""]
+        if not rows:
+            continue
+        cells = []
+        for name in ("A", "B", "u"):
+            got = covered_mean([float(x[f"overlap_{name}"]) for x in rows])[0]
+            chance = covered_mean([float(x[f"random_{name}"]) for x in rows])[0]
+            cells.append(f"{'n/a' if math.isnan(got) else f'{got:.4f}'} ({chance:.4f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -327,7 +359,7 @@ def reading(main: dict[str, list[dict]]) -> str:
     """The comparisons the README asks for, computed from the numbers (the rule: > 2 x the seed spread)."""
     agg = {m: aggregate(rs) for m, rs in main.items()}
     out = ["### Reading (generated from the numbers)", ""]
-    fedopal = [m for m in ("fedopal_w", "fedopal_r") if m in agg]
+    fedopal = [m for m in ("fedopal_w", "fedopal_r", "fedopal_p") if m in agg]
     for m in fedopal:
         if "dual_lora" in agg:
             out.append(_diff_line(m, agg[m], "dual_lora (lambda = 0)", agg["dual_lora"]))

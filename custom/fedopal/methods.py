@@ -35,8 +35,10 @@ _COMPILED = {g: re.compile(p) for g, p in GROUP_PATTERNS.items()}
 # placeholder tensor on the server; sites ignore it and never send it back.
 NOTHING_SHARED_KEY = "fedopal_nothing_shared"
 
-Regularizer = Literal["none", "weight", "representation"]
-HeadMode = Literal["shared", "personal", "config"]
+# projection: no loss term; the personal adapter's A is kept in the orthogonal complement of A_g's row space
+# (FedOpalModel.project_personal), so the overlap is zero by construction.
+Regularizer = Literal["none", "weight", "representation", "projection"]
+HeadMode = Literal["shared", "personal"]
 # How the personal adapter is weighted at inference: always 1, or per instance by how much the input
 # resembles this site's training data (FedDPA's instance-wise dynamic weighting).
 InferenceWeighting = Literal["none", "instance_similarity"]
@@ -57,13 +59,15 @@ class MethodSpec:
     trainable: tuple[str, ...]  # groups that receive gradients
     shared: tuple[str, ...]  # groups sent to the server and averaged (head handled by `head`)
     regularizer: Regularizer = "none"
-    head: HeadMode = "shared"  # "config": the config's model.head decides
+    head: HeadMode = "shared"  # where the method's own design puts the task head
+    head_configurable: bool = False  # model.head may move it (dual methods: the "same head for all" table)
     inference_weighting: InferenceWeighting = "none"
     description: str = ""
 
-    def resolve(self, head_mode: str) -> "MethodSpec":
-        """Fix the head's place: returns a spec whose `shared` lists 'head' iff the head is shared."""
-        mode = head_mode if self.head == "config" else self.head
+    def resolve(self, head_mode: str | None = None) -> "MethodSpec":
+        """Fix the head's place: the method's own design, or `head_mode` (config model.head) where the method allows
+        it. Returns a spec whose `shared` lists 'head' iff the head is shared."""
+        mode = head_mode if head_mode and self.head_configurable else self.head
         shared = tuple(g for g in self.shared if g != "head") + (("head",) if mode == "shared" else ())
         return replace(self, shared=shared, head=mode)
 
@@ -87,6 +91,9 @@ class MethodSpec:
 
 _BOTH = ("global.A", "global.B", "personal.A", "personal.B", "head")
 
+# Head placement by design: FedOPAL, FedDPA and dual_lora keep a personal head (the benchmark's head study), which
+# model.head may move; the others fix it by definition (FedAvg-LoRA, FFA-LoRA, full_ft share it; local, FedSA-LoRA
+# and late join keep it on site).
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
@@ -94,18 +101,24 @@ METHODS: dict[str, MethodSpec] = {
                    description="each site alone: personal adapter + head, nothing sent"),
         MethodSpec("fedavg_lora", ("global",), ("global.A", "global.B", "head"), ("global.A", "global.B", "head"),
                    description="one LoRA adapter + head, all averaged"),
-        MethodSpec("dual_lora", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), head="config",
-                   description="global + personal adapters, no orthogonality (FedDPA-style, lambda = 0)"),
+        MethodSpec("dual_lora", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), head="personal",
+                   head_configurable=True, description="global + personal adapters, no orthogonality (FedDPA-style, lambda = 0)"),
         MethodSpec("fedopal_w", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), "weight",
-                   head="config", description="FedOPAL: dual adapters + weight orthogonality"),
+                   head="personal", head_configurable=True,
+                   description="FedOPAL: dual adapters + weight orthogonality"),
         MethodSpec("fedopal_r", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), "representation",
-                   head="config", description="FedOPAL: dual adapters + representation orthogonality"),
+                   head="personal", head_configurable=True,
+                   description="FedOPAL: dual adapters + representation orthogonality"),
+        MethodSpec("fedopal_p", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), "projection",
+                   head="personal", head_configurable=True,
+                   description="FedOPAL: dual adapters, the personal adapter reads only the "
+                                                "orthogonal complement of the global adapter's input subspace"),
         MethodSpec("ffa_lora", ("global",), ("global.B", "head"), ("global.B", "head"),
                    description="FFA-LoRA (Sun et al., ICLR 2024): A frozen at the common init, B + head averaged"),
         MethodSpec("fedsa_lora", ("global",), ("global.A", "global.B", "head"), ("global.A",), head="personal",
                    description="FedSA-LoRA (Guo et al., ICLR 2025): A averaged, B and head stay on site"),
-        MethodSpec("feddpa", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), head="config",
-                   inference_weighting="instance_similarity",
+        MethodSpec("feddpa", ("global", "personal"), _BOTH, ("global.A", "global.B", "head"), head="personal",
+                   head_configurable=True, inference_weighting="instance_similarity",
                    description="FedDPA (Yang et al., NeurIPS 2024): dual adapters, instance-wise personal weight"),
         MethodSpec("full_ft", (), ("backbone", "head"), ("backbone", "head"),
                    description="full fine-tuning with FedAvg: backbone unfrozen, everything averaged"),
@@ -120,7 +133,8 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def get_method(name: str, head_mode: str = "shared") -> MethodSpec:
+def get_method(name: str, head_mode: str | None = None) -> MethodSpec:
+    """The spec of method `name`, its head placed by its own design, or by `head_mode` where it allows that."""
     if name not in METHODS:
         raise KeyError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
     return METHODS[name].resolve(head_mode)

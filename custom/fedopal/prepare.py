@@ -70,9 +70,10 @@ def nifti_affine(size: int) -> np.ndarray:
 
 
 def _write_image(img: np.ndarray, path: str) -> None:
-    """img in [0, 1]; 2D -> 8-bit PNG, 3D -> uint8 NIfTI (.nii.gz) with the nominal affine."""
+    """img in [0, 1]; 2D (gray, or RGB channels last) -> 8-bit PNG, 3D -> uint8 NIfTI (.nii.gz) with the nominal
+    affine."""
     data = np.round(img * 255).astype(np.uint8)
-    if img.ndim == 2:
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[-1] == 3):
         Image.fromarray(data).save(path)
     else:
         import nibabel as nib
@@ -93,32 +94,44 @@ def _counts(q: np.ndarray, total: int, minimum: int) -> np.ndarray:
 def build_federation(npz_path: str, out_dir: str, num_sites: int = 4, seed: int = 0, alpha: float = 0.5,
                      min_frac: float = 0.12, train_per_site: int = 400, val_per_site: int = 100,
                      test_per_site: int = 120, min_test_per_class: int = 30, min_val_per_class: int = 10,
-                     skew_prior: str = "uniform") -> dict:
+                     skew_prior: str = "uniform", thresholds: list[int] | None = None, shifts: bool = True) -> dict:
+    """thresholds: concept shift. Site i labels an image 1 when its source label (an ordinal grade, e.g.
+    RetinaMNIST's 0..4) is >= thresholds[i], else 0: hospitals with different referral rules label the same kind of
+    image differently. A site draws each of its two classes from the grades on that side of its own threshold.
+    shifts: apply the per-site acquisition shifts (SHIFTS); off keeps every site's images as stored."""
     if not os.path.isfile(npz_path):
         raise FileNotFoundError(f"{npz_path}: MedMNIST file not found. Fix: run from the repository root.")
     with np.load(npz_path) as npz:
         images = np.concatenate([npz[f"{s}_images"] for s in ("train", "val", "test")])
         labels = np.concatenate([npz[f"{s}_labels"] for s in ("train", "val", "test")]).reshape(-1).astype(int)
-    num_classes = int(labels.max()) + 1
-    prior = np.bincount(labels, minlength=num_classes) / len(labels) if skew_prior == "global" \
-        else np.full(num_classes, 1.0 / num_classes)
-    suffix = ".png" if images.ndim == 3 else ".nii.gz"
+    if thresholds is not None and len(thresholds) != num_sites:
+        raise ValueError(f"{len(thresholds)} thresholds for {num_sites} sites. Fix: give one --thresholds per site.")
+    grades = labels
+    num_grades = int(grades.max()) + 1
+    num_classes = 2 if thresholds is not None else num_grades
+    suffix = ".png" if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3) else ".nii.gz"
     rng = np.random.default_rng(seed)
-    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in range(num_classes)}
+    pools = {g: list(rng.permutation(np.flatnonzero(grades == g))) for g in range(num_grades)}
 
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     shift_names = list(SHIFTS)
     summary = {"source": os.path.basename(npz_path), "seed": seed, "alpha": alpha, "skew_prior": skew_prior,
-               "num_classes": num_classes, "image_shape": list(images.shape[1:]), "sites": {}}
+               "num_classes": num_classes, "image_shape": list(images.shape[1:]), "shifts": shifts,
+               "thresholds": thresholds, "sites": {}}
     for i, site in enumerate(site_names(num_sites)):
+        # which source labels make up each of this site's classes
+        members = ({0: list(range(thresholds[i])), 1: list(range(thresholds[i], num_grades))} if thresholds
+                   else {c: [c] for c in range(num_classes)})
+        sizes = np.array([sum(int((grades == g).sum()) for g in members[c]) for c in range(num_classes)], dtype=float)
+        prior = sizes / sizes.sum() if skew_prior == "global" else np.full(num_classes, 1.0 / num_classes)
         q = _class_fractions(rng, prior, alpha, min_frac)
         plan = {
             "train": _counts(q, train_per_site, 1),
             "val": _counts(q, val_per_site, min_val_per_class),
             "test": _counts(q, test_per_site, min_test_per_class),
         }
-        shift = shift_names[i % len(shift_names)]
+        shift = shift_names[i % len(shift_names)] if shifts else "reference"
         shift_fn = SHIFTS[shift][0]
         site_rng = np.random.default_rng([seed, i])
         site_dir = os.path.join(out_dir, site)
@@ -126,10 +139,11 @@ def build_federation(npz_path: str, out_dir: str, num_sites: int = 4, seed: int 
         rows = []
         for split, counts in plan.items():
             for c, n in enumerate(counts):
-                if len(pools[c]) < n:
+                drawn = _draw(pools, members[c], int(n), rng)
+                if drawn is None:
                     raise ValueError(f"class {c} has too few images left for {site}/{split} (need {n}). "
                                      "Fix: fewer sites or smaller --*-per-site.")
-                for idx in (pools[c].pop() for _ in range(int(n))):
+                for idx in drawn:
                     img = images[idx].astype(np.float32) / 255.0
                     img = np.clip(shift_fn(img, site_rng), 0.0, 1.0)
                     name = f"images/{split}_{len(rows):05d}{suffix}"
@@ -140,6 +154,8 @@ def build_federation(npz_path: str, out_dir: str, num_sites: int = 4, seed: int 
             writer.writerow(["path", "label", "split"])
             writer.writerows(rows)
         summary["sites"][site] = {
+            **({"threshold": thresholds[i], "class_grades": {str(c): g for c, g in members.items()}}
+               if thresholds else {}),
             "shift": shift,
             "shift_description": SHIFTS[shift][1],
             "class_fractions": [round(float(x), 3) for x in q],
@@ -148,6 +164,21 @@ def build_federation(npz_path: str, out_dir: str, num_sites: int = 4, seed: int 
     with open(os.path.join(out_dir, "federation.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _draw(pools: dict[int, list], grades: list[int], n: int, rng) -> list | None:
+    """n images from the pools of `grades` (removed from them), each grade in proportion to what it has left;
+    None if they hold fewer than n. One grade: the next n of its (already shuffled) pool."""
+    if len(grades) == 1:
+        pool = pools[grades[0]]
+        return [pool.pop() for _ in range(n)] if len(pool) >= n else None
+    available = [(g, idx) for g in grades for idx in pools[g]]
+    if len(available) < n:
+        return None
+    chosen = [available[k] for k in rng.permutation(len(available))[:n]]
+    for g, idx in chosen:
+        pools[g].remove(idx)
+    return [idx for _, idx in chosen]
 
 
 def format_summary(summary: dict) -> str:
@@ -169,15 +200,23 @@ def main(argv=None) -> int:
     p.add_argument("--train-per-site", type=int, default=400)
     p.add_argument("--val-per-site", type=int, default=100)
     p.add_argument("--test-per-site", type=int, default=120)
+    p.add_argument("--min-test-per-class", type=int, default=30)
+    p.add_argument("--min-val-per-class", type=int, default=10)
+    p.add_argument("--thresholds", type=int, nargs="+", default=None,
+                   help="concept shift: site i's label is 1 when the source grade >= its threshold (one per site)")
+    p.add_argument("--no-shifts", action="store_true", help="no acquisition shift: every site's images as stored")
     args = p.parse_args(argv)
     try:
         summary = build_federation(args.npz, args.out, args.sites, args.seed, args.alpha,
                                    train_per_site=args.train_per_site, val_per_site=args.val_per_site,
-                                   test_per_site=args.test_per_site, skew_prior=args.skew_prior)
+                                   test_per_site=args.test_per_site, min_test_per_class=args.min_test_per_class,
+                                   min_val_per_class=args.min_val_per_class, skew_prior=args.skew_prior,
+                                   thresholds=args.thresholds, shifts=not args.no_shifts)
     except (FileNotFoundError, ValueError) as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 2
-    print(f"Demo federation written to {args.out} ({args.sites} sites, every test class >= 30 samples):")
+    print(f"Federation written to {args.out} ({args.sites} sites, every test class >= {args.min_test_per_class} "
+          "samples):")
     print(format_summary(summary))
     return 0
 

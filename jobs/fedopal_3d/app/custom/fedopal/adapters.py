@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fedopal.backbones import Backbone, build_backbone
+from fedopal.backbones import Backbone, BackboneError, build_backbone
 from fedopal.fused_lora import FusedLoraForward, fuse_lora_layers
 from fedopal.methods import MethodSpec, group_of
 
@@ -47,6 +47,9 @@ class FedOpalModel(nn.Module):
                 fuse_lora_layers(module)
         self.backbone = module
         self.head = nn.Linear(backbone.feature_dim, num_classes)
+        if spec.regularizer == "projection":
+            self._check_projection_room(lora_rank)
+            self.project_personal()
         # transformers' checkpointed layers recompute only while their own `training` flag is set (see train())
         self._checkpointed_layers = list(backbone.checkpointed_layers)
         self.apply_trainable()
@@ -157,6 +160,37 @@ class FedOpalModel(nn.Module):
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(torch.as_tensor(v, dtype=own[k].dtype).reshape(own[k].shape))
+        self.project_personal()  # a new A_g: the personal adapter leaves its row space again (fedopal_p)
+
+    # -- orthogonality by construction (fedopal_p) ----------------------------------------------------
+    def _check_projection_room(self, rank: int) -> None:
+        tight = [(name, layer.lora_A["global"].weight[0].numel()) for name, layer in self.lora_layers()
+                 if "personal" in layer.lora_A and layer.lora_A["global"].weight[0].numel() < 2 * rank]
+        if tight:
+            name, d_in = tight[0]
+            raise BackboneError(f"{self.spec.name} keeps the personal adapter in the complement of the global one's "
+                             f"input subspace, which needs 2 x model.lora_rank <= the layer's input width; {name} has "
+                             f"{d_in} < 2 x {rank} ({len(tight)} such layers). Fix: lower model.lora_rank, or narrow "
+                             "model.target_modules.")
+
+    @torch.no_grad()
+    def project_personal(self) -> None:
+        """fedopal_p: A_p <- A_p (I - Q_g Q_g^T) in every adapted layer, Q_g an orthonormal basis of A_g's row space
+        (A flattened to r x d_in for a conv), computed detached from the current A_g. Afterwards A_g A_p^T = 0 up to
+        float rounding: the personal adapter reads only what the global one does not. A no-op for other methods.
+        Called after every optimizer step (SiteTrainer) and whenever A_g changes (load_shared, load_site_state, init).
+        Needs 2 r <= d_in (checked at build): with r_g + r_p > d_in the complement cannot hold r_p directions."""
+        if self.spec.regularizer != "projection":
+            return
+        for _, layer in self.lora_layers():
+            if "global" not in layer.lora_A or "personal" not in layer.lora_A:
+                continue
+            a_g = layer.lora_A["global"].weight
+            a_p = layer.lora_A["personal"].weight
+            g = a_g.reshape(a_g.shape[0], -1).double()
+            q, _ = torch.linalg.qr(g.T)  # (d_in, r_g): an orthonormal basis of A_g's row space
+            p = a_p.reshape(a_p.shape[0], -1).double()
+            a_p.copy_((p - (p @ q) @ q.T).reshape(a_p.shape).to(a_p.dtype))
 
     def load_site_state(self, state: dict) -> None:
         own = self.state_dict()
@@ -166,6 +200,7 @@ class FedOpalModel(nn.Module):
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)
+        self.project_personal()
 
     def reseed_personal(self, site_name: str, seed: int) -> None:
         """Personal adapters start from a seed derived from the site name (A random, B zero, as peft does)."""
@@ -176,6 +211,7 @@ class FedOpalModel(nn.Module):
                 if "personal" in layer.lora_A:
                     nn.init.kaiming_uniform_(layer.lora_A["personal"].weight, a=math.sqrt(5), generator=gen)
                     nn.init.zeros_(layer.lora_B["personal"].weight)
+        self.project_personal()
 
 
 def to_transfer_dtype(tensor: torch.Tensor, transfer_dtype: str) -> torch.Tensor:

@@ -109,6 +109,7 @@ def main(argv=None) -> None:
         train_stats = trainer.train_round()
         # (5) evaluate the personalized and the global-only model on this site's val/test split
         metrics = trainer.evaluate()
+        diagnostics = trainer.diagnostics()  # dual methods: how far apart the two adapters are
         shared = model.shared_state(cfg.federation.transfer_dtype)
         outgoing = {**shared, **model.site_state()} if args.test_leak_personal else shared
         store.save_personal(model.site_state(), round_num, spec.name, metrics)
@@ -117,12 +118,15 @@ def main(argv=None) -> None:
                   "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
                   "wall_s": round(time.time() - start, 3), "started_at": start, "finished_at": time.time(),
                   "received_norm": tensor_norm(received), "device": where,
-                  "resumed_from_round": resumed["round"] if resumed else None, **train_stats, **metrics}
+                  "resumed_from_round": resumed["round"] if resumed else None, **train_stats, **metrics,
+                  **diagnostics}
         store.append_metrics(record)
         for tag in ("task_loss", "orth_loss", "lr_first"):
             writer.add_scalar(f"train/{tag}", train_stats[tag], global_step=round_num)
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, global_step=round_num)
+        for tag, value in diagnostics.items():
+            writer.add_scalar(f"diagnostics/{tag}", value, global_step=round_num)
         print(f"[{site}] round {round_num}: task loss {train_stats['task_loss']:.4f}, "
               f"test bal. acc. {metrics['personalized/test/balanced_accuracy']:.3f}")
 

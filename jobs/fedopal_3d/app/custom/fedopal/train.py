@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from fedopal.adapters import FedOpalModel
 from fedopal.data import batch_sizes, loader, shard_sizes
 from fedopal.device import autocast, grad_scaler, module_device, to_device
+from fedopal.diagnostics import adapter_overlaps
 from fedopal.orthogonality import RepresentationOrthogonality, weight_orthogonality
 
 
@@ -209,6 +210,7 @@ class SiteTrainer:
                         task_sum += task.detach().double() * share
                     scaler.step(optimizer)
                     scaler.update()
+                    model.project_personal()  # fedopal_p: back into the complement of the moved A_g
                     if scheduler is not None:
                         scheduler.step()
                     steps += 1
@@ -250,6 +252,23 @@ class SiteTrainer:
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             labels.append(batch["label"].numpy().reshape(-1))
         return np.concatenate(labels).astype(int), np.concatenate(probs)
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """How far apart the two adapters are (diagnostics.py): overlap_A, overlap_B, overlap_u on the validation
+        split (personalized model, no FedDPA weighting), and what random subspaces give; {} without two adapters."""
+        out = adapter_overlaps(self.model.lora_layers())
+        if not out:
+            return {}
+        self.model.eval()
+        total, count = 0.0, 0
+        with RepresentationOrthogonality(self.model.lora_layers()) as rep:
+            for batch in self._loader("val", self.batch_size * 2, shuffle=False):
+                with autocast(self.device, self.cfg.precision):
+                    self.model(batch["image"].to(self.device, non_blocking=True))
+                total += float(rep.loss()) * len(batch["label"])
+                count += len(batch["label"])
+        return {**out, "overlap_u": total / max(count, 1)}
 
     def evaluate(self, splits=("val", "test")) -> dict[str, float]:
         """Personalized model (all adapters) and, where a personal adapter exists, the global-only model.

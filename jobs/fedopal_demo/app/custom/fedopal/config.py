@@ -98,8 +98,9 @@ class ModelConfig(_Section):
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Optional[str] = Field(None, description="regex over module names; default: per backbone")
-    head: Literal["shared", "personal"] = Field(
-        "personal", description="where the task head lives (dual methods); personal won the benchmark's head study")
+    head: Optional[Literal["shared", "personal"]] = Field(
+        None, description="where the task head of a dual-adapter method lives (dual_lora, feddpa, fedopal_*); default: "
+                          "their own design, personal (the head study). The other methods fix it by definition")
     fused_adapters: bool = Field(
         True, description="run each adapted layer's active LoRA adapters as one product (and the representation "
                           "loss in rank space); false: peft's own forward, one adapter at a time (the reference)")
@@ -188,6 +189,9 @@ class StudiesConfig(_Section):
     head: list[Literal["shared", "personal"]] = Field(["shared", "personal"])
     lora_rank: list[int] = Field([4, 8, 16])
     transfer_dtype: list[Literal["float32", "float16"]] = Field(["float32", "float16"])
+    same_head: Optional[Literal["shared", "personal"]] = Field(
+        None, description="also run every method with this head placement where its design allows it to move (the "
+                          "'same head for all' table); the main table runs each method at its own design")
     seeds: Optional[list[int]] = Field(None, description="seeds of the study runs; default: the bench's seeds")
 
 
@@ -195,7 +199,7 @@ class BenchConfig(_Section):
     """`python -m fedopal.bench`: every method on the same federation, seeds and tuning budget."""
 
     methods: list[str] = Field(["local", "fedavg_lora", "ffa_lora", "fedsa_lora", "dual_lora", "feddpa",
-                                "full_ft", "fedopal_w", "fedopal_r"])
+                                "full_ft", "fedopal_w", "fedopal_r", "fedopal_p"])
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     lr_grid: list[float] = Field([3e-4, 2e-3], min_length=1,
                                  description="the same grid for every method, selected on validation (first seed)")
