@@ -12,7 +12,8 @@ STAMP := $(VENV)/.installed-$(shell (cat requirements.txt; echo '$(TORCH)') | sh
 export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d bench bench-quick bench-3d perf gpu-check gpu-wheels \
+.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
+	gpu-check gpu-wheels \
 	latejoin export poc clean
 
 .venv venv: $(STAMP)
@@ -54,8 +55,27 @@ demo-3d: prepare-3d
 poc: prepare
 	$(PY) poc_setup/poc.py run jobs/fedopal_demo
 
-# The benchmark (README "Results"): every method x 3 seeds, tuning, studies; bench-quick: 1 seed, 2 rounds
-bench: prepare
+# The benchmark federations of "Which method for my consortium?" (README): concept shift (RetinaMNIST, a different
+# referral threshold per site) and small sites (BreastMNIST 64x64); the third is the demo federation.
+data/bench_retina/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/retinamnist.npz
+	$(PY) -m fedopal.prepare --npz data/medmnist/retinamnist.npz --out data/bench_retina --sites 4 --seed 0 \
+		--thresholds 1 2 3 2 --no-shifts --alpha 100 --train-per-site 160 --val-per-site 40 --test-per-site 80 \
+		--min-test-per-class 30 --min-val-per-class 10
+data/bench_breast/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/breastmnist_64.npz
+	$(PY) -m fedopal.prepare --npz data/medmnist/breastmnist_64.npz --out data/bench_breast --sites 4 --seed 0 \
+		--alpha 5 --skew-prior global --train-per-site 100 --val-per-site 24 --test-per-site 56 \
+		--min-test-per-class 15 --min-val-per-class 5
+prepare-bench: prepare data/bench_retina/federation.json data/bench_breast/federation.json
+
+# The benchmark (README "Which method for my consortium?"): every method x 3 seeds on each of the three federations,
+# tuned on validation, the same-head table, diagnostics; finished runs in docs/bench/<federation>/runs are reused.
+# Then the guide across the three. bench-dev: the earlier 32x32 benchmark on the demo federation (README Results).
+BENCH_FEDERATIONS := pneumonia retina breast
+bench: prepare-bench
+	for fed in $(BENCH_FEDERATIONS); do $(PY) -m fedopal.bench --config app_configs/bench_$$fed.yaml || exit 1; done
+	$(PY) -m fedopal.bench --guide $(addprefix docs/bench/,$(BENCH_FEDERATIONS)) --out docs/bench/guide.md
+
+bench-dev: prepare
 	$(PY) -m fedopal.bench --config app_configs/bench.yaml
 
 bench-quick: prepare

@@ -57,3 +57,30 @@ def test_bench_harness_end_to_end(small_federation, tmp_path, capsys):
     # a second invocation reuses every finished run
     assert bench_main(["--config", str(config), "--workspace", str(tmp_path / "ws")]) == 0
     assert "(cached)" in capsys.readouterr().out
+
+
+def test_the_guide_reads_the_committed_summaries(tmp_path):
+    """Hand-made summary.csv: two methods, two seeds, two sites; the means and sds are easy to check by hand."""
+    import statistics
+
+    from fedopal.bench import main as bench
+
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    rows = [("ffa_lora", "0", 0.90, 0.80), ("ffa_lora", "1", 0.92, 0.84), ("fedopal_p", "0", 0.70, 0.60),
+            ("fedopal_p", "1", 0.72, 0.62)]
+    with open(folder / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", "site", "eval", "balanced_accuracy"])
+        for method, seed, a, b in rows:
+            w.writerow([method, seed, "site-1", "personalized", a])
+            w.writerow([method, seed, "site-2", "personalized", b])
+            w.writerow([method, seed, "site-1", "global_only", 0.0])  # other views are not the headline
+    assert bench(["--guide", str(folder), "--out", str(tmp_path / "guide.md")]) == 0
+    text = open(tmp_path / "guide.md").read()
+    ffa = statistics.mean([0.85, 0.88]), statistics.stdev([0.85, 0.88])
+    ours = statistics.mean([0.65, 0.67]), statistics.stdev([0.65, 0.67])
+    assert f"| concept | ffa_lora {ffa[0]:.3f} ± {ffa[1]:.3f} | fedopal_p: 2 of 2, {ours[0]:.3f} ± {ours[1]:.3f} |" \
+        in text
+    assert f"{ours[0] - ffa[0]:+.3f} (2 sd {2 * max(ffa[1], ours[1]):.3f}, real)" in text
+    assert bench(["--guide", str(tmp_path / "nothing")]) == 2

@@ -80,6 +80,14 @@ def received_bytes(job_ws: str) -> dict[str, float]:
     return {site: sum(v) / len(v) for site, v in per_site.items()}
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of every finished child (the simulator, its server and site processes)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, gpus: str | None = None) -> dict:
     from fedopal.job import simulate
 
@@ -88,10 +96,11 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, 
         with open(cache) as f:
             return json.load(f)
     cfg = spec.config(base)
-    start = time.time()
+    start, cpu_start = time.time(), _cpu_seconds()
     job_ws = simulate(cfg, workspace, gpus=gpus)
     wall = time.time() - start
     result = {"run_id": spec.run_id, "spec": spec.__dict__, "wall_s": round(wall, 1),
+              "cpu_s": round(_cpu_seconds() - cpu_start, 1),
               "sites": collect_site_records(job_ws), "bytes_received": received_bytes(job_ws)}
     os.makedirs(runs_dir, exist_ok=True)
     tmp = cache + ".tmp"
@@ -185,6 +194,7 @@ class Bench:
     out_dir: str
     workspace: str
     gpus: str | None = None  # the simulator's GPU option (job.simulate)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # run id -> CPU seconds it took
     chosen_lr: dict[str, float] = field(default_factory=dict)
     tuning: dict[str, dict[float, float]] = field(default_factory=dict)
     done: int = 0
@@ -202,7 +212,11 @@ class Bench:
               f"  head {spec.head}  r {spec.lora_rank}{' float16' if spec.transfer_dtype == 'float16' else ''}"
               f"{'  (cached)' if cached else ''}   elapsed {elapsed / 60:.1f} min",
               flush=True)
-        return run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus)
+        return self._kept(run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus))
+
+    def _kept(self, result: dict) -> dict:
+        self.cpu_s[result["run_id"]] = result.get("cpu_s", math.nan)  # as measured when the run ran
+        return result
 
     def tuning_specs(self) -> list[RunSpec]:
         b = self.base.bench
@@ -261,7 +275,7 @@ class Bench:
 
         def run(spec: RunSpec) -> dict:
             if spec.run_id in seen or os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json")):
-                return run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus)
+                return self._kept(run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus))
             seen.add(spec.run_id)
             return self.run(spec, total)
 
@@ -432,14 +446,99 @@ def plot(main: dict[str, list[dict]], out_dir: str) -> None:
     plt.close(fig)
 
 
+# -- "Which method for my consortium?": the guide across federations ------------------------------------------
+
+FEDOPAL = ("fedopal_w", "fedopal_r", "fedopal_p")
+
+
+def method_scores(summary_csv: str) -> dict[str, dict]:
+    """From a bench summary.csv: per method, the site-mean test balanced accuracy of the personalized view per seed
+    (undefined sites left out), and its worst site per seed."""
+    per: dict[str, dict[str, list[float]]] = {}
+    with open(summary_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["eval"] != "personalized":
+                continue
+            per.setdefault(row["method"], {}).setdefault(row["seed"], []).append(float(row["balanced_accuracy"]))
+    out = {}
+    for method, seeds in per.items():
+        means = [covered_mean(v)[0] for v in seeds.values()]
+        worst = [min((x for x in v if not math.isnan(x)), default=math.nan) for v in seeds.values()]
+        out[method] = {"bacc": _mean_sd(means), "worst": _mean_sd(worst), "n_seeds": len(means)}
+    return out
+
+
+def _verdict(diff: float, spread: float, n_seeds: int) -> str:
+    if n_seeds < 2:
+        return "one seed: not a finding"
+    return "a real difference" if abs(diff) > spread else "within twice the seed spread: no real difference"
+
+
+def guide_markdown(folders: list[str]) -> str:
+    """One row per federation: the best method, FedOPAL's best variant and its rank, the differences that exceed twice
+    the seed spread, and a plain reading, all from the committed summaries."""
+    lines = ["| federation | best method (bal. acc.) | best FedOPAL variant: rank, bal. acc. | FedOPAL vs the best | "
+             "FedOPAL vs fedavg_lora | FedOPAL vs local | worst site: best method / FedOPAL |",
+             "|---|---|---|---|---|---|---|"]
+    readings = []
+    for folder in folders:
+        name = os.path.basename(os.path.normpath(folder))
+        scores = method_scores(os.path.join(folder, "summary.csv"))
+        ranked = sorted(scores, key=lambda m: -scores[m]["bacc"][0])
+        best = ranked[0]
+        ours = max((m for m in FEDOPAL if m in scores), key=lambda m: scores[m]["bacc"][0], default=None)
+        if ours is None:
+            continue
+        cells = []
+        for other in (best, "fedavg_lora", "local"):
+            if other not in scores or other == ours:
+                cells.append("—" if other == ours else "n/a")
+                continue
+            diff = scores[ours]["bacc"][0] - scores[other]["bacc"][0]
+            spread = 2 * max(scores[ours]["bacc"][1], scores[other]["bacc"][1])
+            n = min(scores[ours]["n_seeds"], scores[other]["n_seeds"])
+            cells.append(f"{diff:+.3f} (2 sd {spread:.3f}{'' if abs(diff) <= spread or n < 2 else ', real'})")
+        lines.append(f"| {name} | {best} {_pm(scores[best]['bacc'])} | {ours}: {ranked.index(ours) + 1} of "
+                     f"{len(ranked)}, {_pm(scores[ours]['bacc'])} | " + " | ".join(cells) +
+                     f" | {scores[best]['worst'][0]:.3f} / {scores[ours]['worst'][0]:.3f} |")
+        diff = scores[ours]["bacc"][0] - scores[best]["bacc"][0]
+        spread = 2 * max(scores[ours]["bacc"][1], scores[best]["bacc"][1])
+        verdict = _verdict(diff, spread, min(scores[ours]["n_seeds"], scores[best]["n_seeds"]))
+        readings.append(f"- **{name}**: {best} leads ({scores[best]['bacc'][0]:.3f}); the best FedOPAL variant, "
+                        f"{ours}, is {ranked.index(ours) + 1} of {len(ranked)} "
+                        + ("and is the best method." if ours == best else
+                           f"at {diff:+.3f} ({verdict}).")
+                        + f" Order: {', '.join(ranked)}.")
+    return "\n".join(lines + ["", "Mean ± sd over seeds of the site-mean test balanced accuracy (personalized "
+                                   "view, each site at its best-validation round). A difference is called real only "
+                                   "when it exceeds twice the larger seed sd.", ""] + readings)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", help="the benchmark's config (one federation)")
+    p.add_argument("--guide", nargs="+", metavar="FOLDER",
+                   help="instead of running: the 'which method' table from these finished benchmark folders")
     p.add_argument("--quick", action="store_true", help="one seed, the first lr, no studies, 2 rounds")
     p.add_argument("--workspace", default="workspace/bench")
+    p.add_argument("--out", help="--guide: also write the table to this markdown file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--gpus", default=None, metavar="IDS", help="GPUs for the simulated sites, as fedopal.job --gpus")
     args = p.parse_args(argv)
+    if args.guide:
+        missing = [f for f in args.guide if not os.path.isfile(os.path.join(f, "summary.csv"))]
+        if missing:
+            print(f"error: {missing[0]}: no summary.csv. Fix: run the benchmark of that federation first "
+                  "(make bench).", file=sys.stderr)
+            return 2
+        text = "# Which method for my consortium?\n\n" + guide_markdown(args.guide) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return 0
+    if not args.config:
+        p.error("give --config (or --guide FOLDER ...)")
     try:
         overrides = parse_overrides(args.set)
         if args.quick:
@@ -463,7 +562,12 @@ def main(argv=None) -> int:
     title = (f"{cfg.name}: {len(cfg.bench.methods)} methods, seeds {cfg.bench.seeds}, {cfg.train.num_rounds} rounds, "
              f"{cfg.model.backbone} at {cfg.data.image_size}, {cfg.federation.num_sites} sites")
     write_csv(results["main"], os.path.join(out_dir, "summary.csv"))
-    md = main_markdown(bench, results["main"], title) + f"\n\nBenchmark wall time: {wall / 60:.1f} min.\n"
+    cpu = [v for v in bench.cpu_s.values() if not math.isnan(v)]
+    md = main_markdown(bench, results["main"], title) + (
+        f"\n\nBenchmark wall time: {wall / 60:.1f} min (this invocation). CPU time of the {len(bench.cpu_s)} runs "
+        f"behind these tables, as measured when each ran: {sum(cpu) / 3600:.2f} h"
+        + (f" ({len(bench.cpu_s) - len(cpu)} runs from before CPU time was recorded)" if len(cpu) < len(bench.cpu_s)
+           else "") + ".\n")
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(md)
     if results["studies"]:
