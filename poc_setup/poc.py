@@ -63,6 +63,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_port_free(port: int) -> None:
+    """The server binds `port` on every interface: refuse now, in one line, rather than a CONNECTION_FAILED from
+    `poc start` two minutes later (with the bind error only in the server's log)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as err:
+            raise PocError(f"port {port} is already in use ({err.strerror}): the FLARE server could not listen "
+                           "there. Fix: stop what holds it, or prepare again with another --port (or none: a free "
+                           "one is picked).") from None
+
+
 def poc_project(consortium: dict, sites: list[str], port: int) -> dict:
     """The consortium's project, on one machine: server `server` on `port`, the given sites, the same admins."""
     participants = consortium.get("participants") or []
@@ -170,6 +182,7 @@ class Poc:
         if os.path.isfile(os.path.join(workspace, STATE_FILE)):
             cls.load(workspace).stop()  # FLARE's prepare --force would delete the workspace of a running POC
         port = port or free_port()
+        check_port_free(port)
         with open(consortium) as f:
             project = poc_project(yaml.safe_load(f), sites, port)
         admin = next(a["name"] for a in project["participants"] if a.get("role") == "project_admin")
@@ -193,6 +206,7 @@ class Poc:
         """Server and sites. Relative data.root resolves against FEDOPAL_HOME in each site process.
         gpus: GPU ids handed to `nvflare poc start -gpu`: each site process sees its share (FLARE deals them out in
         turn, site-1 the first) as CUDA_VISIBLE_DEVICES, so train.device auto picks it as cuda:0."""
+        check_port_free(self.state.port)  # taken since prepare?
         env = cli_env(self.workspace, self.state.home)
         env["FEDOPAL_HOME"] = os.path.abspath(fedopal_home)
         try:

@@ -1,6 +1,8 @@
 """The committed job folders are exactly what the job builder exports (no drift), and hold no local paths."""
 
 import filecmp
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import pytest
 
 from fedopal.config import load_config
 from fedopal.job import export_job
+from fedopal.job import main as job_main
 
 from conftest import REPO
 
@@ -68,3 +71,24 @@ def test_an_exported_job_can_continue_an_aborted_one(tmp_path):
     assert str(ckpt) in json.dumps(server)
     assert job_main(["--config", os.path.join(REPO, "app_configs", "demo.yaml"), "--export", str(tmp_path / "j2"),
                      "--resume-from", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_a_consortium_job_in_one_command(tmp_path):
+    """Three named hospitals: the exported job's site list, min_clients and data root fit; jobs/ is not touched."""
+    committed = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(REPO, "jobs", "**"), recursive=True)}
+    assert job_main(["--config", os.path.join(REPO, "app_configs", "demo.yaml"), "--sites", "hospital-a",
+                     "hospital-b", "hospital-c", "--data-root", "/srv/fedopal/data", "--set", "name=consortium",
+                     "--export", str(tmp_path)]) == 0
+    meta = json.load(open(tmp_path / "consortium" / "meta.json"))
+    assert meta["min_clients"] == 3
+    shipped = json.load(open(tmp_path / "consortium" / "app" / "custom" / "fedopal_job.json"))
+    assert shipped["federation"]["site_names"] == ["hospital-a", "hospital-b", "hospital-c"]
+    assert shipped["federation"]["num_sites"] == 3 and shipped["data"]["root"] == "/srv/fedopal/data"
+    assert {p: os.path.getmtime(p) for p in committed} == committed
+
+
+def test_site_names_and_num_sites_cannot_disagree(tmp_path, capsys):
+    assert job_main(["--config", os.path.join(REPO, "app_configs", "demo.yaml"), "--set",
+                     "federation.site_names=[a, b]", "--export", str(tmp_path)]) == 2
+    assert "federation.num_sites is 4 but federation.site_names lists 2 sites" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

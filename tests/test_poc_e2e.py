@@ -59,6 +59,23 @@ def test_poc_project_is_the_consortium_on_one_machine():
     assert len(by_type(consortium, "client")) == 4
 
 
+def test_a_taken_port_is_refused_at_prepare_in_one_line_before_anything_is_written(tmp_path):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "poc_setup", "poc.py"), "prepare", "--workspace",
+                               str(tmp_path / "ws"), "--home", str(tmp_path / "home"), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert f"port {port} is already in use" in proc.stderr and "Fix:" in proc.stderr
+    assert not (tmp_path / "ws").exists()
+
+
 def test_poc_refuses_repeated_site_names():
     with open(poc.CONSORTIUM_PROJECT) as f:
         consortium = yaml.safe_load(f)

@@ -1,6 +1,8 @@
 """Build the FLARE job from a config: export it to jobs/, or run it in the simulator.
 
     python -m fedopal.job --config app_configs/demo.yaml --export jobs/
+    python -m fedopal.job --config app_configs/demo.yaml --sites hospital-a hospital-b hospital-c \
+        --data-root /srv/fedopal/data --set name=consortium --export /srv/fedopal/jobs
     python -m fedopal.job --config app_configs/demo.yaml --simulate [--workspace workspace] [--results results/demo]
 
 The job is a FedAvgRecipe with our three server/site components:
@@ -270,8 +272,8 @@ def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--export", nargs="?", const="jobs", metavar="JOBS_DIR",
-                   help="export the job folder to JOBS_DIR/<name> (default jobs/)")
+    p.add_argument("--export", metavar="JOBS_DIR",
+                   help="export the job folder to JOBS_DIR/<name> (the repository's jobs/ only when you name it)")
     p.add_argument("--export-dir", dest="export_dir", help="same as --export JOBS_DIR (NVFlare's convention)")
     p.add_argument("--resume-from", metavar="CKPT",
                    help="with --export: a job that continues an aborted one from this global checkpoint (a path "
@@ -287,13 +289,24 @@ def main(argv=None) -> int:
                         "'[0,1],[2,3]' (a group per site process, for train.nproc_per_site 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.num_rounds=2 (value parsed as YAML)")
+    p.add_argument("--sites", nargs="+", metavar="NAME",
+                   help="the consortium's site names, as in project.yml: sets federation.site_names and num_sites "
+                        "(and so min_clients, unless the config sets it)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="data.root: the folder holding <site>/manifest.csv at every site (the same path at each "
+                        "hospital; a relative one resolves against each site's $FEDOPAL_HOME)")
     args = p.parse_args(argv)
     sys.argv = sys.argv[:1]  # NVFlare's recipe module would otherwise consume --export itself
     args.export = args.export_dir or args.export
     if not (args.export or args.simulate):
         p.error("give --export JOBS_DIR and/or --simulate")
     try:
-        cfg = load_config(args.config, parse_overrides(args.set))
+        overrides = parse_overrides(args.set)
+        if args.sites:
+            overrides.update({"federation.site_names": args.sites, "federation.num_sites": len(args.sites)})
+        if args.data_root:
+            overrides["data.root"] = args.data_root
+        cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

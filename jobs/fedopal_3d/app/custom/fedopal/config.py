@@ -176,6 +176,27 @@ class FederationConfig(_Section):
     gpu_mem_gib: float = Field(0, ge=0, description="with train.device cuda: GPU memory (GiB) each site's GPU must "
                                                     "offer for FLARE to schedule the job (resource_spec)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sites_agree(cls, data):
+        """site_names sets the number of sites; a num_sites that disagrees with it is an error, not ignored."""
+        if isinstance(data, dict) and data.get("site_names"):
+            names = list(data["site_names"])
+            if "num_sites" in data and data["num_sites"] != len(names):
+                raise ValueError(f"federation.num_sites is {data['num_sites']} but federation.site_names lists "
+                                 f"{len(names)} sites; drop num_sites (site_names decides) or make them agree")
+            if len(set(names)) != len(names):
+                raise ValueError(f"federation.site_names repeats a name: {names}; give each site its own name")
+            data = {**data, "num_sites": len(names)}
+        return data
+
+    @model_validator(mode="after")
+    def _enough_sites(self):
+        if self.min_clients is not None and self.min_clients > self.num_sites:
+            raise ValueError(f"federation.min_clients {self.min_clients} is more than the {self.num_sites} sites; "
+                             "lower it or add sites")
+        return self
+
     def sites(self) -> list[str]:
         return list(self.site_names) if self.site_names else [f"site-{i + 1}" for i in range(self.num_sites)]
 
