@@ -13,18 +13,23 @@ export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
 .PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
-	gpu-check gpu-wheels \
+	gpu-check gpu-wheels wheelhouse \
 	latejoin export poc clean
 
 .venv venv: $(STAMP)
+
+# Offline (an air-gapped hospital): `make wheelhouse` where there is network, carry the folder over, then
+# `make venv WHEELHOUSE=<folder>` installs from it alone (pip --no-index --find-links). README "Air-gapped install".
+WHEELHOUSE ?=
+PIP_FROM := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)),)
 
 # Idempotent: reinstalls only when requirements.txt changes. torch goes first so that the CPU wheel
 # on disk satisfies every later `torch` requirement (a bare `torch` would pull a multi-GB CUDA build).
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet $(PIP_FROM) --upgrade pip
+	$(PIP) install --quiet $(PIP_FROM) $(TORCH)
+	$(PIP) install --quiet $(PIP_FROM) -r requirements.txt
 	$(PIP) check
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -87,6 +92,14 @@ bench-3d: prepare-3d
 # what FLARE adds on top of the compute (README "Performance")
 perf: prepare
 	$(PY) -m fedopal.perf --config app_configs/demo.yaml
+
+# Every wheel the pinned install needs (torch's build by TORCH, as for venv; pip itself too), into WHEELHOUSE_DIR;
+# the list of files is kept in wheelhouse.txt, which a test holds against requirements.txt.
+WHEELHOUSE_DIR ?= wheelhouse
+wheelhouse:
+	python3 -m pip download -q -d $(WHEELHOUSE_DIR) pip $(TORCH) -r requirements.txt
+	ls $(WHEELHOUSE_DIR) | sort > wheelhouse.txt
+	@echo "$$(wc -l < wheelhouse.txt) files in $(WHEELHOUSE_DIR) ($$(du -sh $(WHEELHOUSE_DIR) | cut -f1)); list in wheelhouse.txt"
 
 # On a CUDA machine (README "GPU"): the bare loop vs the site loop on ViT-B/16 at 224^2, and a 2-site simulator job;
 # writes results/gpu/summary.json. Offline, without the pins: `make gpu-wheels` where there is network, copy .whl/
