@@ -98,6 +98,9 @@ perf: prepare
 WHEELHOUSE_DIR ?= wheelhouse
 wheelhouse:
 	python3 -m pip download -q -d $(WHEELHOUSE_DIR) pip $(TORCH) -r requirements.txt
+	# a source-only package (pyhocon) becomes a wheel here: offline, pip could not fetch what building it needs
+	for sdist in $(WHEELHOUSE_DIR)/*.tar.gz; do [ -e "$$sdist" ] || continue; \
+		python3 -m pip wheel -q --no-deps -w $(WHEELHOUSE_DIR) "$$sdist" && rm "$$sdist"; done
 	ls $(WHEELHOUSE_DIR) | sort > wheelhouse.txt
 	@echo "$$(wc -l < wheelhouse.txt) files in $(WHEELHOUSE_DIR) ($$(du -sh $(WHEELHOUSE_DIR) | cut -f1)); list in wheelhouse.txt"
 
