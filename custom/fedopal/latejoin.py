@@ -63,7 +63,9 @@ def load_global_model(path: str) -> tuple[dict, dict | None, int | None]:
         if "personal" in manifest.get("adapters", []):
             raise LateJoinError(f"{path}: a personalized export holds another site's personal adapter. "
                                 "Fix: pass its global_only sibling, or the server's FL_global_model.pt.")
-        return read_tensors(path, ADAPTERS, manifest), manifest.get("config"), manifest.get("round")
+        exported = manifest.get("round")  # counted from 1 in exports; FLARE's current_round below counts from 0
+        return (read_tensors(path, ADAPTERS, manifest), manifest.get("config"),
+                exported - 1 if isinstance(exported, int) else None)
     if not os.path.isfile(path):
         raise LateJoinError(f"{path}: global model not found. Fix: pass <workspace>/<job>/server/simulate_job/"
                             "app_server/FL_global_model.pt (or the server's copy), or a global_only export folder.")

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         return 2
     round_num = manifest.get("round")
     where = f"{manifest.get('site') or 'site'} {manifest['view']}, {manifest['method']}" + (
-        f", round {round_num + 1}" if isinstance(round_num, int) else "")
+        f", round {round_num}" if isinstance(round_num, int) else "")
     print(f"{len(samples)} predictions from {where} ({'merged' if args.merged else 'adapters'}) -> {args.out}")
     metrics = labelled_metrics(samples, probs)
     if metrics:

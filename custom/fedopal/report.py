@@ -12,6 +12,7 @@ import math
 import os
 import re
 
+from fedopal.methods import get_method
 from fedopal.site_state import METRICS_FILE, read_metrics, simulation_state_root
 
 
@@ -93,8 +94,9 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     has_global = any(_defined(r["bacc_global_only"]) for r in rows)
     header = ("| site | best val round | bal. acc. personalized | bal. acc. global-only | accuracy | AUC | "
               "bal. acc. final round | bytes sent / round |")
+    head = get_method(cfg.train.method, cfg.model.head).head
     lines = [f"### {cfg.name}: {cfg.train.method}, {len(rows)} sites, {cfg.train.num_rounds} rounds "
-             f"({cfg.model.backbone}, r={cfg.model.lora_rank}, head {cfg.model.head})", "",
+             f"({cfg.model.backbone}, r={cfg.model.lora_rank}, {head} head)", "",
              header, "|" + "---|" * 8]
     for r in rows:
         lines.append(f"| {r['site']} | {_fmt(r['best_val_round'])} | "
@@ -111,7 +113,7 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
                      "over fewer sites says how many it covers.")
     if any(isinstance(r["best_val_round"], str) for r in rows):
         notes.append("n/a (final): the validation split cannot rank rounds (one class), so the final round is shown.")
-    lines += ["", " ".join(notes) + f" Wall time {wall_s:.0f} s."]
+    lines += ["", " ".join(notes)]
     return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean,
             "mean_sites": coverage,
             "worst_site": ({"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]} if worst
