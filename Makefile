@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)/custom
 export FEDOPAL_HOME := $(CURDIR)
 
 .PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
-	gpu-check gpu-wheels wheelhouse \
+	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc clean
 
 .venv venv: $(STAMP)
@@ -143,6 +143,26 @@ latejoin: $(STAMP)
 		--set data.root=$(LATEJOIN_WS)/federation --set federation.num_sites=4 --results results/latejoin/federation
 	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --out results/latejoin
 	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --train-limit 40 --out results/latejoin/small_site
+
+# The docs that cannot go stale: copy the latest local results (make demo, demo-3d, poc, latejoin, perf,
+# console-transcript) into docs/results and docs/perf, then regenerate the README's tables and docs/configuration.md.
+# tests/test_docs.py fails when they drift.
+docs: $(STAMP)
+	mkdir -p docs/results/demo docs/results/demo_3d docs/results/poc docs/results/latejoin
+	[ ! -f results/demo/summary.md ] || cp results/demo/summary.md results/demo/summary.json docs/results/demo/
+	[ ! -f results/demo_3d/summary.md ] || cp results/demo_3d/summary.md results/demo_3d/summary.json docs/results/demo_3d/
+	[ ! -f workspace/poc/results/report.md ] || cp workspace/poc/results/report.md docs/results/poc/
+	[ ! -f results/latejoin/compare.md ] || (mkdir -p docs/results/latejoin/small_site && \
+		cp results/latejoin/compare.md docs/results/latejoin/ && \
+		cp results/latejoin/small_site/compare.md docs/results/latejoin/small_site/)
+	[ ! -f results/console_transcript.txt ] || cp results/console_transcript.txt docs/results/
+	[ ! -f results/perf/summary.json ] || cp results/perf/summary.json docs/perf/summary.json
+	$(PY) -m fedopal.docs
+
+# the admin console session of README "Deploy to a consortium", from the test that drives it
+console-transcript: prepare
+	mkdir -p results
+	FEDOPAL_CONSOLE_TRANSCRIPT=$(CURDIR)/results/console_transcript.txt $(PY) -m pytest -q tests/test_admin_console.py
 
 # regenerate every committed job folder (tests/test_jobs.py fails on drift)
 export: $(STAMP)

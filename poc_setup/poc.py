@@ -411,8 +411,12 @@ def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: s
             result = poc.download(job_id, out_dir)
         print(f"poc: job result in {result} (server side: workspace/app_server/FL_global_model.pt, "
               f"fedopal_updates.jsonl)", flush=True)
-        print(poc.report(job_folder, times["wait"]))
-        print(f"poc: personal state of each site in {poc.prod_dir}/<site>/fedopal_site_state/<site>/")
+        table = poc.report(job_folder, times["wait"])
+        print(table)
+        with open(os.path.join(out_dir, "report.md"), "w") as f:  # what `make docs` commits
+            f.write(table + "\n")
+        print(f"poc: table in {os.path.join(out_dir, 'report.md')}; personal state of each site in "
+              f"{poc.prod_dir}/<site>/fedopal_site_state/<site>/")
     finally:
         if poc is None and os.path.isfile(os.path.join(workspace, STATE_FILE)):
             poc = Poc.load(workspace)  # prepare failed half-way: whatever it started still gets stopped

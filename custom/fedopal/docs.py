@@ -1,6 +1,6 @@
 """Docs that cannot go stale: the configuration reference and the README's example outputs, generated.
 
-    python -m fedopal.docs            # rewrite docs/configuration.md and every generated block of README.md
+    python -m fedopal.docs            # rewrite docs/configuration.md and the generated blocks of README.md, docs/*.md
     python -m fedopal.docs --check    # exit 1, naming what differs, if either is not what the generator gives
 
 The configuration reference is read from the pydantic schema (fedopal.config: every key, type, default, allowed
@@ -103,8 +103,18 @@ def configuration_markdown() -> str:
 
 # -- README blocks from committed results --------------------------------------------------------------------
 
+# what writes each committed result, for a block whose source is not there yet
+MAKERS = {"docs/results/demo": "make demo", "docs/results/demo_3d": "make demo-3d", "docs/results/poc": "make poc",
+          "docs/results/latejoin": "make latejoin", "docs/results/console": "make console-transcript",
+          "docs/perf": "make perf", "docs/bench": "make bench"}
+
+
 def _read(path: str) -> str:
-    with open(os.path.join(REPO, path)) as f:
+    full = os.path.join(REPO, path)
+    if not os.path.isfile(full):
+        maker = next((m for prefix, m in MAKERS.items() if path.startswith(prefix)), "its command")
+        return f"*Not measured yet: `{maker}`, then `make docs`, writes `{path}`.*"
+    with open(full) as f:
         return f.read().strip()
 
 
@@ -116,6 +126,8 @@ def _summary_table(path: str) -> str:
 
 def _perf_table() -> str:
     perf = json.loads(_read("docs/perf/summary.json"))
+    if "loop_ratio" not in perf:
+        return "*Not measured yet: `make perf`, then `make docs`.*"
     from fedopal.perf import method_cost_table, method_cost_targets
 
     rows = [("(a) `loop_ratio`: site training loop / bare torch + peft loop (EfficientNet-Lite0, `fedopal_w`)",
@@ -145,10 +157,11 @@ BLOCKS = {
     "demo-table": lambda: _summary_table("docs/results/demo/summary.md"),
     "demo-3d-table": lambda: _summary_table("docs/results/demo_3d/summary.md"),
     "poc-table": lambda: _read("docs/results/poc/report.md"),
-    "latejoin-table": lambda: _read("docs/results/latejoin/compare.md"),
+    "latejoin-table": lambda: "\n\n".join(_read(p) for p in ("docs/results/latejoin/compare.md",
+                                                              "docs/results/latejoin/small_site/compare.md")),
     "console": lambda: "```\n" + _read("docs/results/console_transcript.txt") + "\n```",
     "perf-table": _perf_table,
-    "guide": lambda: _read("docs/bench/guide.md").split("\n", 1)[1].strip(),
+    "guide": lambda: _read("docs/bench/guide.md").removeprefix("# Which method for my consortium?").strip(),
 }
 
 
@@ -167,9 +180,13 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a generated text is stale")
     args = p.parse_args(argv)
     targets = {CONFIG_DOC: configuration_markdown()}
-    with open(os.path.join(REPO, README)) as f:
-        readme = f.read()
-    targets[README] = render_readme(readme)
+    pages = [README] + sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(REPO, "docs"))
+                              if n.endswith(".md") and os.path.join("docs", n) != CONFIG_DOC)
+    for page in pages:  # every page with generated blocks
+        with open(os.path.join(REPO, page)) as f:
+            text = f.read()
+        if BLOCK.search(text):
+            targets[page] = render_readme(text)
     stale = []
     for path, text in targets.items():
         full = os.path.join(REPO, path)
