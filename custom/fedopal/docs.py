@@ -146,10 +146,12 @@ def _perf_table() -> str:
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     if "method_cost" in perf:
         lines += ["", "(f) each method's site loop, fused adapters (the default) and peft's own path "
-                  "(`model.fused_adapters: false`), 64², batch 32, one thread, each in its own process, best of 2:",
+                  "(`model.fused_adapters: false`), 64², batch 32, one thread, each in its own process, best of 3:",
                   "",
                   method_cost_table(perf["method_cost"]), "", "| target | value | |", "|---|---|---|"]
         lines += [f"| {name} | {value} | {mark} |" for name, value, mark in method_cost_targets(perf["method_cost"])]
+        if perf.get("method_cost_note"):
+            lines += ["", perf["method_cost_note"]]
     return "\n".join(lines)
 
 

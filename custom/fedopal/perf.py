@@ -186,11 +186,19 @@ def simulate_timed(cfg: FedOpalConfig, workspace: str) -> dict:
     }
 
 
+def peak_rss_kb() -> int:
+    """This process's own peak resident memory (VmHWM, kB). Not getrusage's ru_maxrss: Linux carries the parent's
+    high-water mark into a forked child through exec, so every child of a large parent reports at least its size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def max_rss_of_bare_loop(config_path: str, overrides: dict, site: str, steps: int) -> float:
     """The bare loop in its own process, so that its peak RSS is its own."""
-    code = ("import json, resource, sys; from fedopal.config import load_config; from fedopal.perf import bare_loop; "
+    code = ("import json, sys; from fedopal.config import load_config; "
+            "from fedopal.perf import bare_loop, peak_rss_kb; "
             "cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); bare_loop(cfg, sys.argv[3], int(sys.argv[4])); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(peak_rss_kb())")
     out = subprocess.run([sys.executable, "-c", code, config_path, json.dumps(overrides), site, str(steps)],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024  # kB -> MB
@@ -235,17 +243,16 @@ COST_BACKBONES = {"efficientnet_lite0": {},
 
 def _site_loop_in_process(config_path: str, overrides: dict, site: str, steps: int) -> tuple[float, float]:
     """(images/s, peak RSS in MB) of the site loop, in a fresh process: its peak RSS is its own."""
-    code = ("import json, resource, sys, torch; torch.set_num_threads(1); from fedopal.config import load_config; "
-            "from fedopal.perf import site_loop; cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); "
-            "rate = site_loop(cfg, sys.argv[3], int(sys.argv[4])); "
-            "print(rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = ("import json, sys, torch; torch.set_num_threads(1); from fedopal.config import load_config; "
+            "from fedopal.perf import peak_rss_kb, site_loop; cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); "
+            "rate = site_loop(cfg, sys.argv[3], int(sys.argv[4])); print(rate, peak_rss_kb())")
     out = subprocess.run([sys.executable, "-c", code, config_path, json.dumps(overrides), site, str(steps)],
                          capture_output=True, text=True, check=True)
     rate, rss_kb = out.stdout.strip().splitlines()[-1].split()
     return float(rate), int(rss_kb) / 1024
 
 
-def method_cost(config_path: str, steps: int, repeats: int = 2) -> dict:
+def method_cost(config_path: str, steps: int, repeats: int = 3) -> dict:
     """(f) {backbone: {method: {"img_per_s", "peak_rss_mb"}}}: the site loop of fedavg_lora, dual_lora, fedopal_w and
     fedopal_r, fused (the default) and on peft's path ("<method>_unfused"), on EfficientNet-Lite0 and a ViT-S-sized
     MONAI ViT, 64², batch 32, one thread, each in its own process. Every configuration runs `repeats` times,
@@ -332,7 +339,7 @@ def main(argv=None) -> int:
         results["scaling"] = scaling(base, counts, 800, 2 if args.quick else 3, args.workspace)
     if "method_cost" in parts:
         print("(f) cost of each method, fused adapters and peft's path (64², batch 32, one thread):", flush=True)
-        results["method_cost"] = method_cost(args.config, 4 if args.quick else 12)
+        results["method_cost"] = method_cost(args.config, 4 if args.quick else 12, 1 if args.quick else 3)
         print("\n" + method_cost_table(results["method_cost"]), flush=True)
     print_targets(results)
     os.makedirs(args.out, exist_ok=True)
