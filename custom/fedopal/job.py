@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -240,8 +241,11 @@ def checkpoint_round(ckpt: str, num_rounds: int) -> int:
     if not os.path.isfile(ckpt):
         raise ResumeError(f"{ckpt}: no global checkpoint to resume from. Fix: run without --resume, or give "
                           "the path of the aborted job's FL_global_model.pt.")
-    try:
-        last_round = torch.load(ckpt, map_location="cpu", weights_only=False)["meta_props"]["current_round"]
+    try:  # tensors and plain containers only: a file that would need pickle to load is refused, never executed
+        last_round = torch.load(ckpt, map_location="cpu", weights_only=True)["meta_props"]["current_round"]
+    except pickle.UnpicklingError:
+        raise ResumeError(f"{ckpt}: refused, it holds Python objects that only pickle can load (torch.load "
+                          "weights_only=True). Fix: give the FL_global_model.pt FLARE wrote for the aborted job.") from None
     except Exception as err:  # a foreign or damaged file
         raise ResumeError(f"{ckpt}: not a FLARE global checkpoint ({type(err).__name__}). "
                           "Fix: give the FL_global_model.pt of the aborted job.") from None
