@@ -268,9 +268,14 @@ class Bench:
             out[method] = rows
         return out
 
-    def run_privacy_study(self, lrs: dict[str, float]) -> dict:
-        """Seed by seed (the first seed's whole grid first), so that an interrupted study has complete seeds."""
+    def run_privacy_study(self, lrs: dict[str, float], cached_only: bool = False) -> dict:
+        """Seed by seed (the first seed's whole grid first), so that an interrupted study has complete seeds.
+        cached_only: run nothing, report the runs already finished (a partial study says how many seeds each row has)."""
         specs = self.privacy_specs(lrs)
+        if cached_only:
+            done = lambda s: os.path.isfile(os.path.join(self.runs_dir, s.run_id + ".json"))  # noqa: E731
+            specs = {m: [(mode, eps, [s for s in runs if done(s)]) for mode, eps, runs in rows] for m, rows in
+                     specs.items()}
         flat = [s for rows in specs.values() for _, _, runs in rows for s in runs]
         total = len(flat)
         for seed in sorted({s.seed for s in flat}):
@@ -522,7 +527,7 @@ def plot(main: dict[str, list[dict]], out_dir: str) -> None:
     plt.close(fig)
 
 
-def run_only(bench: Bench, study: str) -> int:
+def run_only(bench: Bench, study: str, cached_only: bool = False) -> int:
     """One study alone, at the learning rates the full benchmark chose (<out>/chosen.json)."""
     chosen = os.path.join(bench.out_dir, "chosen.json")
     lrs = {}
@@ -530,7 +535,7 @@ def run_only(bench: Bench, study: str) -> int:
         with open(chosen) as f:
             lrs = {m: float(v) for m, v in json.load(f)["chosen_lr"].items()}
     if study == "privacy":
-        privacy = bench.run_privacy_study(lrs)
+        privacy = bench.run_privacy_study(lrs, cached_only)
         write_privacy(privacy, bench.base, bench.out_dir)
         print(privacy_markdown(privacy, bench.base))
         print(f"written: {bench.out_dir}/privacy.md, privacy.png")
@@ -553,6 +558,8 @@ def main(argv=None) -> int:
     p.add_argument("--workspace", default="workspace/bench")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--gpus", default=None, metavar="IDS", help="GPUs for the simulated sites, as fedopal.job --gpus")
+    p.add_argument("--cached-only", action="store_true", help="with --only privacy: write the tables from the runs "
+                                                               "already finished, run nothing")
     p.add_argument("--only", choices=["privacy", "quantization"],
                    help="run only that study, with the learning rates of <out>/chosen.json (else the grid's first)")
     args = p.parse_args(argv)
@@ -574,7 +581,7 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     bench = Bench(cfg, out_dir, os.path.abspath(args.workspace), gpus=args.gpus)
     if args.only:
-        return run_only(bench, args.only)
+        return run_only(bench, args.only, args.cached_only)
     start = time.time()
     results = bench.execute()
     wall = time.time() - start

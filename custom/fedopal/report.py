@@ -92,8 +92,7 @@ def plot_cross_site(matrix: dict, path: str, title: str) -> None:
 
     values = np.array([[np.nan if v is None else v for v in row] for row in matrix["values"]], dtype=float)
     fig, ax = plt.subplots(figsize=(1.3 * len(matrix["columns"]) + 2.5, 0.6 * len(matrix["rows"]) + 1.6))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.5, vmax=1.0)
     ax.set_xticks(range(len(matrix["columns"])), matrix["columns"])
     ax.set_yticks(range(len(matrix["rows"])), [r if r == "global" else f"{r} personalized" for r in matrix["rows"]])

@@ -249,7 +249,7 @@ class BenchConfig(_Section):
     lr_grid: list[float] = Field([3e-4, 2e-3], min_length=1,
                                  description="the same grid for every method, selected on validation (first seed)")
     studies: Optional[StudiesConfig] = StudiesConfig()
-    privacy: Optional[PrivacyStudyConfig] = PrivacyStudyConfig()
+    privacy: Optional[PrivacyStudyConfig] = Field(None, description="the privacy study; none: not run")
     out_dir: str = "results/bench"
 
     @field_validator("methods")
