@@ -295,6 +295,8 @@ class FedOpalConfig(_Section):
             raise ValueError("privacy is for the adapter methods: full_ft sends BatchNorm counters (integers) that "
                              "cannot be noised; use another train.method or switch privacy off")
         if p.enabled and p.mode == "dpsgd":
+            # Opacus reads per-sample gradients through hooks on the LoRA nn.Linear/nn.Conv modules; issue 13's fused
+            # forward bypasses them. After that merge, add here: object.__setattr__(self.model, "fused_adapters", False)
             for key, value, allowed in (("train.class_weights", self.train.class_weights, "none"),
                                         ("train.precision", self.train.precision, "fp32"),
                                         ("train.grad_accum_steps", self.train.grad_accum_steps, 1),
