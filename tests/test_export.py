@@ -153,6 +153,24 @@ def test_best_export_follows_validation_never_test(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "export" / "best") if n.startswith(".")]  # no temp left behind
 
 
+def test_views_are_written_only_when_best_changes_and_at_the_last_round(tmp_path):
+    cfg, model = perturbed("fedopal_w")
+    exporter = SiteExporter(model, cfg, str(tmp_path), "site-1", run_id="job-1")
+    best = tmp_path / "export" / "best" / "personalized" / MANIFEST
+    last = tmp_path / "export" / "last" / "personalized" / MANIFEST
+    written = []
+    for round_num, val in enumerate([0.6, 0.8, 0.7, 0.8]):
+        before = os.stat(best).st_mtime_ns if best.exists() else None
+        views = exporter.write(round_num, {"personalized/val/balanced_accuracy": val,
+                                           "global_only/val/balanced_accuracy": val}, total_rounds=4)
+        written.append(sorted(views))
+        assert last.exists() == (round_num == 3)
+        if round_num in (2, 3):  # no improvement: best untouched
+            assert os.stat(best).st_mtime_ns == before
+    assert written == [["global_only", "personalized"]] * 2 + [[]] + [["global_only", "personalized"]]
+    assert json.load(open(best))["round"] == 1 and json.load(open(last))["round"] == 3
+
+
 def test_a_new_run_replaces_the_best_export_of_an_earlier_run(tmp_path):
     cfg, model = perturbed("fedopal_w")
     metrics = {"personalized/val/balanced_accuracy": 0.9, "global_only/val/balanced_accuracy": 0.9}

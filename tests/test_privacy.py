@@ -233,3 +233,11 @@ def test_a_checkpoint_that_needs_pickle_is_refused(tmp_path):
     good = tmp_path / "ok.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "meta_props": {"current_round": 1}}, good)
     assert checkpoint_round(str(good), 5) == 1
+
+
+def test_dpsgd_runs_peft_unfused_path_that_opacus_hooks_see():
+    raw = job_dict(tiny_config())
+    raw["privacy"] = {"mode": "dpsgd", "noise_multiplier": 1.0}
+    assert config_from_dict(raw).model.fused_adapters is False
+    raw["privacy"] = {"mode": "update", "noise_multiplier": 1.0}
+    assert config_from_dict(raw).model.fused_adapters is True

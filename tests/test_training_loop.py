@@ -185,7 +185,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_changes_no_number(tmp_path
                     p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
         # adapters run inside the blocks, so a recomputed block runs them again (pre-hooks: torch stops a
         # recomputation early, once it has what the backward pass needs, before some forward hooks would fire)
-        adapters = [layer.lora_A["global"] for _, layer in model.lora_layers()]
+        adapters = [layer for _, layer in model.lora_layers()]  # the adapted layers (fused or peft's path)
         calls = []
         hooks = [a.register_forward_pre_hook(lambda *a: calls.append(1)) for a in adapters]
         model.train()

@@ -100,6 +100,9 @@ class ModelConfig(_Section):
     target_modules: Optional[str] = Field(None, description="regex over module names; default: per backbone")
     head: Literal["shared", "personal"] = Field(
         "personal", description="where the task head lives (dual methods); personal won the benchmark's head study")
+    fused_adapters: bool = Field(
+        True, description="run each adapted layer's active LoRA adapters as one product (and the representation "
+                          "loss in rank space); false: peft's own forward, one adapter at a time (the reference)")
     gradient_checkpointing: bool = Field(
         False, description="recompute each transformer block in the backward pass (backbones hf and monai_vit): "
                            "less activation memory for large images or batches, about a third more compute")
@@ -295,8 +298,9 @@ class FedOpalConfig(_Section):
             raise ValueError("privacy is for the adapter methods: full_ft sends BatchNorm counters (integers) that "
                              "cannot be noised; use another train.method or switch privacy off")
         if p.enabled and p.mode == "dpsgd":
-            # Opacus reads per-sample gradients through hooks on the LoRA nn.Linear/nn.Conv modules; issue 13's fused
-            # forward bypasses them. After that merge, add here: object.__setattr__(self.model, "fused_adapters", False)
+            # Opacus reads per-sample gradients through hooks on the LoRA nn.Linear/nn.Conv modules, which the fused
+            # forward (model.fused_adapters) bypasses: DP-SGD runs peft's own path
+            object.__setattr__(self.model, "fused_adapters", False)
             for key, value, allowed in (("train.class_weights", self.train.class_weights, "none"),
                                         ("train.precision", self.train.precision, "fp32"),
                                         ("train.grad_accum_steps", self.train.grad_accum_steps, 1),

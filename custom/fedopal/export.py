@@ -1,10 +1,11 @@
 """A site's trained model as files anyone can load: safetensors + a JSON manifest (fedopal.predict, fedopal.latejoin).
 
-Every round, each site writes, inside its own state folder:
+Each site writes, inside its own state folder:
 
-    export/last/personalized/   the latest round: global + personal adapters + head
-    export/last/global_only/    the latest round: the global adapter + head (dual-adapter methods only)
-    export/best/<view>/         the round with the best *validation* balanced accuracy of that view (never test)
+    export/best/<view>/         the round with the best *validation* balanced accuracy of that view (never test),
+                                rewritten only when it changes
+    export/last/personalized/   the last round: global + personal adapters + head (written at the last round)
+    export/last/global_only/    the last round: the global adapter + head (dual-adapter methods only)
 
 One view folder:
 
@@ -214,8 +215,9 @@ def _read_manifest_if_any(folder: str) -> dict | None:
 
 
 class SiteExporter:
-    """What the site script calls each round: export/last/<view> always, export/best/<view> when that view's
-    validation balanced accuracy beats the best of this run (ties keep the earlier round, as report.py does)."""
+    """What the site script calls each round: export/best/<view> when that view's validation balanced accuracy
+    beats the best of this run (ties keep the earlier round, as report.py does), export/last/<view> at the last
+    round."""
 
     def __init__(self, model: nn.Module, cfg: FedOpalConfig, site_folder: str, site: str, train_set=None,
                  run_id: str | None = None, weighting=None):
@@ -241,14 +243,21 @@ class SiteExporter:
         return self._bank
 
     def write(self, round_num: int, metrics: dict, total_rounds: int | None = None) -> dict[str, str]:
-        last = export_site_model(self.model, self.cfg, os.path.join(self.root, "last"), round_num, metrics,
-                                 site=self.site, total_rounds=total_rounds, run_id=self.run_id,
-                                 fingerprint=self.fingerprint, weighting=self._weighting())
-        for view, folder in last.items():
+        """export/best/<view> when that view's validation score improves, export/last/<view> at the last round
+        (every round when total_rounds is unknown): a short GPU round is not spent writing views that the next
+        round replaces. Returns view -> the folder written for it this round (last before best), if any."""
+        fingerprint, weighting = self.fingerprint, self._weighting()
+        details = dict(site=self.site, total_rounds=total_rounds, run_id=self.run_id, weighting=weighting)
+        written = {}
+        for view, adapters in views_of(self.model.spec).items():
             best_folder = os.path.join(self.root, "best", view)
             if self._improves(_read_manifest_if_any(best_folder), round_num, metrics.get(f"{view}/{KEY_METRIC}")):
-                replace_folder(lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True), best_folder)
-        return last
+                written[view] = write_view(self.model, self.cfg, view, adapters, best_folder, round_num, metrics,
+                                           self.cfg.export.merged, fingerprint, **details)
+        if total_rounds is None or round_num >= total_rounds - 1:
+            written = export_site_model(self.model, self.cfg, os.path.join(self.root, "last"), round_num, metrics,
+                                        fingerprint=fingerprint, **details)
+        return written
 
     def _improves(self, best: dict | None, round_num: int, score: float | None) -> bool:
         if best is None or best.get("run_id") != self.run_id or best.get("round", -1) >= round_num:

@@ -6,7 +6,8 @@
 (a) a bare torch + peft loop (perf.bare_steps: the same model, loss, batches and autocast, and nothing else) and
 (b) the production site loop (SiteTrainer.train_round, exactly as the site script runs it), on ViT-B/16 at 224²,
     bf16 autocast, LoRA r=8 on every linear layer, batches 64 and 256, for fedavg_lora, dual_lora, fedopal_w and
-    fedopal_r: images/s, the ratio (b)/(a) (target >= 0.9), and peak GPU memory;
+    fedopal_r: images/s, the ratio (b)/(a) (target >= 0.9), and peak GPU memory; and (b) again on peft's own
+    forward (model.fused_adapters: false), the fused path's gain (README, Performance);
 (c) a 2-site, 2-round FLARE simulator job on the GPU (ViT-B/16 at 224² on the bundled PneumoniaMNIST), with the
     device line each site logged.
 Prints a table and writes <out>/summary.json. The weights are random-init (a transformers ViTConfig, i.e. ViT-B/16,
@@ -106,13 +107,18 @@ def loops(folder: str, pretrained: bool, image_size: int, batches: list[int], st
             order = (bare_steps, site_steps) if len(results) % 2 == 0 else (site_steps, bare_steps)
             got = {loop.__name__: measure(loop, cfg, data, steps, device) for loop in order}
             bare, site = got["bare_steps"], got["site_steps"]
+            # the site loop on peft's own forward (model.fused_adapters: false), for the fused path's gain
+            unfused = measure(site_steps, config(method, folder, pretrained, image_size, batch, str(device), precision,
+                                                 {"model.fused_adapters": False}), data, steps, device)
             row = {"bare_img_per_s": bare["img_per_s"], "site_img_per_s": site["img_per_s"],
                    "ratio": round(site["img_per_s"] / bare["img_per_s"], 3),
-                   "bare_peak_gib": bare["peak_gib"], "site_peak_gib": site["peak_gib"]}
+                   "bare_peak_gib": bare["peak_gib"], "site_peak_gib": site["peak_gib"],
+                   "site_unfused_img_per_s": unfused["img_per_s"], "site_unfused_peak_gib": unfused["peak_gib"]}
             results.setdefault(method, {})[str(batch)] = row
             print(f"  {method:<12} batch {batch:>4}: bare {row['bare_img_per_s']:>8.1f} img/s, site "
-                  f"{row['site_img_per_s']:>8.1f} img/s, ratio {row['ratio']:.3f}, peak "
-                  f"{row['site_peak_gib']} GiB", flush=True)
+                  f"{row['site_img_per_s']:>8.1f} img/s, ratio {row['ratio']:.3f}, peak {row['site_peak_gib']} GiB; "
+                  f"peft path {row['site_unfused_img_per_s']:.1f} img/s, {row['site_unfused_peak_gib']} GiB",
+                  flush=True)
     return results
 
 
@@ -148,13 +154,14 @@ def simulator_job(folder: str, pretrained: bool, image_size: int, device: torch.
 
 
 def table(results: dict) -> str:
-    lines = ["| method | batch | (a) bare img/s | (b) site img/s | (b)/(a) | peak GiB (a) | peak GiB (b) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | batch | (a) bare img/s | (b) site img/s | (b)/(a) | peak GiB (a) | peak GiB (b) | "
+             "(b) on peft's path img/s | its peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for method, by_batch in results.items():
         for batch, r in by_batch.items():
             mark = "" if r["ratio"] >= TARGET_RATIO else " (below 0.9)"
             lines.append(f"| {method} | {batch} | {r['bare_img_per_s']:,.1f} | {r['site_img_per_s']:,.1f} | "
-                         f"{r['ratio']:.3f}{mark} | {r['bare_peak_gib'] or 'n/a'} | {r['site_peak_gib'] or 'n/a'} |")
+                         f"{r['ratio']:.3f}{mark} | {r['bare_peak_gib'] or 'n/a'} | {r['site_peak_gib'] or 'n/a'} | "
+                         f"{r['site_unfused_img_per_s']:,.1f} | {r['site_unfused_peak_gib'] or 'n/a'} |")
     return "\n".join(lines)
 
 

@@ -228,13 +228,86 @@ def scaling(base: FedOpalConfig, counts: list[int], total_train: int, rounds: in
     return out
 
 
+COST_METHODS = ("fedavg_lora", "dual_lora", "fedopal_w", "fedopal_r")
+COST_BACKBONES = {"efficientnet_lite0": {},
+                  "vit_s": {"model.backbone": "monai_vit", "model.pretrained": False, "model.vit": VIT_S}}
+
+
+def _site_loop_in_process(config_path: str, overrides: dict, site: str, steps: int) -> tuple[float, float]:
+    """(images/s, peak RSS in MB) of the site loop, in a fresh process: its peak RSS is its own."""
+    code = ("import json, resource, sys, torch; torch.set_num_threads(1); from fedopal.config import load_config; "
+            "from fedopal.perf import site_loop; cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); "
+            "rate = site_loop(cfg, sys.argv[3], int(sys.argv[4])); "
+            "print(rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, config_path, json.dumps(overrides), site, str(steps)],
+                         capture_output=True, text=True, check=True)
+    rate, rss_kb = out.stdout.strip().splitlines()[-1].split()
+    return float(rate), int(rss_kb) / 1024
+
+
+def method_cost(config_path: str, steps: int, repeats: int = 2) -> dict:
+    """(f) {backbone: {method: {"img_per_s", "peak_rss_mb"}}}: the site loop of fedavg_lora, dual_lora, fedopal_w and
+    fedopal_r, fused (the default) and on peft's path ("<method>_unfused"), on EfficientNet-Lite0 and a ViT-S-sized
+    MONAI ViT, 64², batch 32, one thread, each in its own process. Every configuration runs `repeats` times,
+    interleaved with the others; the fastest run counts (what another process on the machine took is noise)."""
+    runs: dict = {}
+    for repeat in range(repeats):
+        for backbone, model in COST_BACKBONES.items():
+            for method in COST_METHODS:
+                for fused in (True, False):
+                    overrides = {**model, "train.method": method, "model.fused_adapters": fused,
+                                 "data.image_size": 64, "data.batch_size": 32}
+                    rate, rss = _site_loop_in_process(config_path, overrides, "site-1", steps)
+                    name = method if fused else f"{method}_unfused"
+                    runs.setdefault((backbone, name), []).append((rate, rss))
+                    print(f"  [{repeat + 1}/{repeats}] {backbone:<18} {name:<20} {rate:8.1f} img/s  peak RSS "
+                          f"{rss:7.1f} MB", flush=True)
+    out: dict = {}
+    for (backbone, name), got in runs.items():
+        out.setdefault(backbone, {})[name] = {"img_per_s": round(max(r for r, _ in got), 1),
+                                              "peak_rss_mb": round(max(m for _, m in got), 1)}
+    return out
+
+
+def method_cost_table(cost: dict) -> str:
+    lines = ["| backbone | method | img/s fused | img/s peft path | fused / peft | vs fedavg_lora (fused) | "
+             "peak RSS MB fused | peak RSS MB peft path |", "|---|---|---|---|---|---|---|---|"]
+    for backbone, rows in cost.items():
+        base = rows["fedavg_lora"]["img_per_s"]
+        for method in COST_METHODS:
+            f, u = rows[method], rows[f"{method}_unfused"]
+            lines.append(f"| {backbone} | {method} | {f['img_per_s']:.1f} | {u['img_per_s']:.1f} | "
+                         f"{f['img_per_s'] / u['img_per_s']:.2f} | {f['img_per_s'] / base:.2f} | "
+                         f"{f['peak_rss_mb']:.0f} | {u['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def method_cost_targets(cost: dict) -> list[tuple[str, float, str]]:
+    """fedopal_w and fedopal_r >= 0.9 x fedavg_lora images/s; fedopal_r peak RSS <= 1.1 x fedopal_w."""
+    rows = []
+    for backbone, r in cost.items():
+        for method in ("fedopal_w", "fedopal_r"):
+            ratio = r[method]["img_per_s"] / r["fedavg_lora"]["img_per_s"]
+            rows.append((f"{method} / fedavg_lora img/s ({backbone})", round(ratio, 3),
+                         f">= 0.9 ({'met' if ratio >= 0.9 else 'missed'})"))
+        mem = r["fedopal_r"]["peak_rss_mb"] / r["fedopal_w"]["peak_rss_mb"]
+        rows.append((f"fedopal_r / fedopal_w peak RSS ({backbone})", round(mem, 3),
+                     f"<= 1.1 ({'met' if mem <= 1.1 else 'missed'})"))
+    return rows
+
+
+PARTS = ("loop", "simulator", "vit_s", "scaling", "method_cost")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="app_configs/demo.yaml")
     p.add_argument("--quick", action="store_true", help="fewer steps and site counts (a smoke run)")
     p.add_argument("--out", default="results/perf")
     p.add_argument("--workspace", default="workspace/perf")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default all)")
     args = p.parse_args(argv)
+    parts = set(args.parts)
     os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
     torch.set_num_threads(1)
     steps = 6 if args.quick else 20
@@ -242,13 +315,34 @@ def main(argv=None) -> int:
     results: dict = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
                                 f"torch {torch.__version__}, 1 thread per site"}
 
-    print("(a) training loop throughput, EfficientNet-Lite0 + dual LoRA, fedopal_w:", flush=True)
-    bare = bare_loop(base, "site-1", steps)
-    site = site_loop(base, "site-1", steps)
-    results["bare_images_per_s"], results["site_images_per_s"] = round(bare, 1), round(site, 1)
-    results["loop_ratio"] = round(site / bare, 3)
-    print(f"  bare {bare:.1f} img/s, site loop {site:.1f} img/s, ratio {site / bare:.3f}", flush=True)
+    if "loop" in parts:
+        print("(a) training loop throughput, EfficientNet-Lite0 + dual LoRA, fedopal_w:", flush=True)
+        bare = bare_loop(base, "site-1", steps)
+        site = site_loop(base, "site-1", steps)
+        results["bare_images_per_s"], results["site_images_per_s"] = round(bare, 1), round(site, 1)
+        results["loop_ratio"] = round(site / bare, 3)
+        print(f"  bare {bare:.1f} img/s, site loop {site:.1f} img/s, ratio {site / bare:.3f}", flush=True)
+    if "simulator" in parts:
+        simulator_part(args, base, steps, results)
+    if "vit_s" in parts:
+        vit_s_part(args, results)
+    if "scaling" in parts:
+        print("(e) scaling at a fixed total of 800 training images (tiny ViT):", flush=True)
+        counts = [2, 4] if args.quick else [2, 4, 8, 16]
+        results["scaling"] = scaling(base, counts, 800, 2 if args.quick else 3, args.workspace)
+    if "method_cost" in parts:
+        print("(f) cost of each method, fused adapters and peft's path (64², batch 32, one thread):", flush=True)
+        results["method_cost"] = method_cost(args.config, 4 if args.quick else 12)
+        print("\n" + method_cost_table(results["method_cost"]), flush=True)
+    print_targets(results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten: {os.path.join(args.out, 'summary.json')}")
+    return 0
 
+
+def simulator_part(args, base: FedOpalConfig, steps: int, results: dict) -> None:
     print("(b)+(c)+(d) simulator, 2 sites:", flush=True)
     rounds = 2 if args.quick else 4
     sim_cfg = load_config(args.config, {"train.method": "fedopal_w", "train.num_rounds": rounds,
@@ -267,6 +361,8 @@ def main(argv=None) -> int:
           f"(ratio {results['round_overhead_ratio']}); peak RSS {results['peak_rss_mb']} MB vs bare "
           f"{results['bare_peak_rss_mb']} MB", flush=True)
 
+
+def vit_s_part(args, results: dict) -> None:
     print("(c) ViT-S (dim 384, depth 12, r=8):", flush=True)
     vit_cfg = load_config(args.config, {"train.method": "fedopal_w", "train.num_rounds": 1, "train.local_steps": 1,
                                         "federation.num_sites": 2, "name": "perf_vit_s", "model.backbone": "monai_vit",
@@ -284,18 +380,21 @@ def main(argv=None) -> int:
           f"whole model {vit['whole_model']:,} B; fraction {vit['bytes_fraction']:.4f} / {vit16['bytes_fraction']:.4f}",
           flush=True)
 
-    print("(e) scaling at a fixed total of 800 training images (tiny ViT):", flush=True)
-    counts = [2, 4] if args.quick else [2, 4, 8, 16]
-    results["scaling"] = scaling(base, counts, 800, 2 if args.quick else 3, args.workspace)
-
+def print_targets(results: dict) -> None:
     targets = {"loop_ratio": (">=", 0.9), "round_overhead_ratio": ("<=", 1.15), "bytes_fraction": ("<=", 0.02)}
-    rows = [("loop_ratio", results["loop_ratio"]), ("round_overhead_ratio", results["round_overhead_ratio"]),
-            ("startup_s", results["startup_s"]), ("bytes_fraction (ViT-S, float16 transfer)", results["bytes_fraction"]),
-            ("bytes_fraction (ViT-S, float32 transfer)", results["bytes_fraction_float32"]),
-            ("sent / global-adapter floor (EfficientNet)", results["efficientnet"]["sent_over_floor"]),
-            ("sent / global-adapter floor (ViT-S, float32)", results["vit_s"]["sent_over_floor"]),
-            ("peak_rss_mb / bare_peak_rss_mb", round(results["peak_rss_mb"] / results["bare_peak_rss_mb"], 3)),
-            ("scaling (sites: s/round)", results["scaling"])]
+    rows = []
+    if "loop_ratio" in results:
+        rows.append(("loop_ratio", results["loop_ratio"]))
+    if "round_overhead_ratio" in results:
+        rows += [("round_overhead_ratio", results["round_overhead_ratio"]), ("startup_s", results["startup_s"]),
+                 ("sent / global-adapter floor (EfficientNet)", results["efficientnet"]["sent_over_floor"]),
+                 ("peak_rss_mb / bare_peak_rss_mb", round(results["peak_rss_mb"] / results["bare_peak_rss_mb"], 3))]
+    if "vit_s" in results:
+        rows += [("bytes_fraction (ViT-S, float16 transfer)", results["bytes_fraction"]),
+                 ("bytes_fraction (ViT-S, float32 transfer)", results["bytes_fraction_float32"]),
+                 ("sent / global-adapter floor (ViT-S, float32)", results["vit_s"]["sent_over_floor"])]
+    if "scaling" in results:
+        rows.append(("scaling (sites: s/round)", results["scaling"]))
     print("\n| measure | value | target |\n|---|---|---|")
     for name, value in rows:
         key = name.split(" ")[0]
@@ -309,11 +408,8 @@ def main(argv=None) -> int:
         elif name.startswith("peak_rss"):
             mark = "<= 1.3 (" + ("met" if value <= 1.3 else "missed") + ")"
         print(f"| {name} | {value} | {mark} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwritten: {os.path.join(args.out, 'summary.json')}")
-    return 0
+    for name, value, mark in method_cost_targets(results.get("method_cost", {})):
+        print(f"| {name} | {value} | {mark} |")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fedopal.backbones import Backbone, build_backbone
+from fedopal.fused_lora import FusedLoraForward, fuse_lora_layers
 from fedopal.methods import MethodSpec, group_of
 
 
 class FedOpalModel(nn.Module):
     def __init__(self, backbone: Backbone, spec: MethodSpec, num_classes: int, lora_rank: int, lora_alpha: float,
-                 lora_dropout: float, target_modules: str | None = None):
+                 lora_dropout: float, target_modules: str | None = None, fused_adapters: bool = True):
+        """fused_adapters: run each adapted layer's active adapters as one product (fused_lora); the
+        parameters and keys are peft's either way, and false runs peft's own forward (the reference path)."""
         super().__init__()
         self.spec = spec
         self.in_channels = backbone.in_channels
@@ -40,6 +43,8 @@ class FedOpalModel(nn.Module):
                 module.add_adapter(name, LoraConfig(**lora))
             # PeftModel.set_adapter(list) raises; the LoraModel underneath takes a list.
             module.base_model.set_adapter(list(spec.adapters))
+            if fused_adapters:
+                fuse_lora_layers(module)
         self.backbone = module
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         # transformers' checkpointed layers recompute only while their own `training` flag is set (see train())
@@ -94,17 +99,25 @@ class FedOpalModel(nn.Module):
 
     @contextmanager
     def personal_scaled(self, weight: torch.Tensor):
-        """Scale the personal adapter's output per instance (weight: (N,), batch first) during the context."""
+        """Scale the personal adapter's output per instance (weight: (N,), batch first) during the context.
+
+        A fused layer scales the personal block of z (B is linear); a layer on peft's path, through a forward
+        hook on lora_B["personal"] (which a fused forward never calls, so each layer is scaled once)."""
         def hook(module, inputs, output):
             return output * weight.to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
 
-        handles = [layer.lora_B["personal"].register_forward_hook(hook)
-                   for _, layer in self.lora_layers() if "personal" in layer.lora_B]
+        layers = [layer for _, layer in self.lora_layers() if "personal" in layer.lora_B]
+        handles = [layer.lora_B["personal"].register_forward_hook(hook) for layer in layers]
+        fused = [layer for layer in layers if isinstance(layer, FusedLoraForward)]
+        for layer in fused:
+            layer.instance_weights = {"personal": weight}
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for layer in fused:
+                layer.instance_weights = None
 
     @torch.no_grad()
     def base_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +206,7 @@ def build_model(cfg, spec: MethodSpec, site_name: str | None = None) -> FedOpalM
     backbone = build_backbone(cfg)
     model = FedOpalModel(
         backbone, spec, cfg.data.num_classes, cfg.model.lora_rank, cfg.model.lora_alpha,
-        cfg.model.lora_dropout, cfg.model.target_modules,
+        cfg.model.lora_dropout, cfg.model.target_modules, cfg.model.fused_adapters,
     )
     if site_name is not None:
         model.reseed_personal(site_name, cfg.train.seed)

@@ -120,7 +120,7 @@ def main(argv=None) -> None:
         update = shared_update(model.shared_state(), received)
         outgoing = {**update, **model.site_state()} if args.test_leak_personal else update
         store.save_personal(model.site_state(), round_num, spec.name, metrics)
-        exporter.write(round_num, metrics, input_model.total_rounds)  # <site state>/export/: the usable model
+        exporter.write(round_num, metrics, cfg.train.num_rounds)  # <site state>/export/: the usable model
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": nbytes(outgoing), "trainable_params": trainable,
                   "wall_s": round(time.time() - start, 3), "started_at": start, "finished_at": time.time(),
