@@ -433,47 +433,62 @@ def privacy_markdown(privacy: dict, base: FedOpalConfig) -> str:
              "Poisson batches (a guarantee per patient record, add/remove). The noise is calibrated so that the last "
              "round reaches the target epsilon; *epsilon reached* is the largest any site reported. Balanced "
              "accuracy: site mean of each site's test value at its best-validation round, mean ± sd over seeds.", "",
-             "| method | DP mode | target epsilon | epsilon reached | bal. acc. | worst site | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             "*final round*: the same at the last round (no selection); *round chosen*: the mean best-validation "
+             "round (1-based).", "",
+             "| method | DP mode | target epsilon | epsilon reached | bal. acc. | worst site | final round | "
+             "round chosen | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, rows in privacy.items():
         for mode, eps, results in rows:
             agg = aggregate(results)
             if not agg:
                 continue
             reached = _epsilon_reached(results)
+            rows_ = [site_results(r, "personalized") for r in results]
+            final = _final_mean(results)
+            chosen = statistics.fmean(x["best_round"] for rs in rows_ for x in rs)
             lines.append(f"| {method} | {mode if mode != 'none' else 'no DP'} | "
                          f"{'∞' if math.isinf(eps) else f'{eps:g}'} | {'∞' if math.isinf(reached) else f'{reached:.2f}'} | "
                          f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
-                         f"{agg['n_seeds']} |")
+                         f"{_pm(final)} | {chosen:.1f} | {agg['n_seeds']} |")
     return "\n".join(lines) + "\n"
 
 
+def _final_mean(results: list[dict]) -> tuple[float, float]:
+    rows = [site_results(r, "personalized") for r in results]
+    return _mean_sd([covered_mean([x["final_balanced_accuracy"] for x in rs])[0] for rs in rows if rs])
+
+
 def plot_privacy(privacy: dict, path: str) -> None:
-    """Site-mean balanced accuracy against epsilon (log axis): a line per method and mode, no DP dashed."""
+    """Site-mean balanced accuracy against epsilon (log axis), at the best-validation round (left) and at the final
+    round (right): a line per method and mode, no DP dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (method, rows) in enumerate(privacy.items()):
-        color = f"C{i}"
-        for mode, marker, style in (("update", "s", ":"), ("dpsgd", "o", "-")):
-            pts = [(eps, aggregate(res)) for m, eps, res in rows if m == mode]
-            pts = [(e, a) for e, a in pts if a]
-            if pts:
-                ax.errorbar([e for e, _ in pts], [a["bacc"][0] for _, a in pts], yerr=[a["bacc"][1] for _, a in pts],
-                            fmt=marker + style, color=color, capsize=2, label=f"{method} {mode}")
-        base = [aggregate(res) for m, _, res in rows if m == "none"]
-        if base and base[0]:
-            ax.axhline(base[0]["bacc"][0], color=color, ls="--", lw=1, label=f"{method} no DP")
-    ax.set_xscale("log")
-    ax.set_xlabel("epsilon (delta = 1e-5), log scale")
-    ax.set_ylabel("site-mean test balanced accuracy")
-    ax.set_title("Accuracy against the privacy budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, title, value in ((axes[0], "at each site's best-validation round", lambda res: aggregate(res)["bacc"]),
+                             (axes[1], "at the final round", _final_mean)):
+        for i, (method, rows) in enumerate(privacy.items()):
+            color = f"C{i}"
+            for mode, marker, style in (("update", "s", ":"), ("dpsgd", "o", "-")):
+                pts = [(eps, value(res)) for m, eps, res in rows if m == mode and res]
+                if pts:
+                    ax.errorbar([e for e, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts],
+                                fmt=marker + style, color=color, capsize=2, label=f"{method} {mode}")
+            base = [value(res) for m, _, res in rows if m == "none" and res]
+            if base:
+                ax.axhline(base[0][0], color=color, ls="--", lw=1, label=f"{method} no DP")
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (delta = 1e-5), log scale")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("site-mean test balanced accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=3, loc="lower center")
+    fig.suptitle("Accuracy against the privacy budget (update: dotted squares, dpsgd: solid circles)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
