@@ -233,3 +233,13 @@ def test_a_checkpoint_that_needs_pickle_is_refused(tmp_path):
     good = tmp_path / "ok.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "meta_props": {"current_round": 1}}, good)
     assert checkpoint_round(str(good), 5) == 1
+
+
+def test_the_epsilon_command_answers_before_anything_runs(capsys):
+    from fedopal.privacy import main
+
+    assert main(["--rounds", "5", "--noise-multiplier", "2"]) == 0
+    assert f"epsilon {update_epsilon(2.0, 5, DELTA):.4f}" in capsys.readouterr().out
+    assert main(["--rounds", "5", "--target-epsilon", "4", "--sample-rate", "0.08", "--steps-per-round", "13"]) == 0
+    sigma = float(capsys.readouterr().out.split()[2])
+    assert accountant_epsilon(sigma, 0.08, 65, DELTA) <= 4.0 < accountant_epsilon(sigma * 0.95, 0.08, 65, DELTA)
