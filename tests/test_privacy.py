@@ -241,3 +241,11 @@ def test_dpsgd_runs_peft_unfused_path_that_opacus_hooks_see():
     assert config_from_dict(raw).model.fused_adapters is False
     raw["privacy"] = {"mode": "update", "noise_multiplier": 1.0}
     assert config_from_dict(raw).model.fused_adapters is True
+def test_the_epsilon_command_answers_before_anything_runs(capsys):
+    from fedopal.privacy import main
+
+    assert main(["--rounds", "5", "--noise-multiplier", "2"]) == 0
+    assert f"epsilon {update_epsilon(2.0, 5, DELTA):.4f}" in capsys.readouterr().out
+    assert main(["--rounds", "5", "--target-epsilon", "4", "--sample-rate", "0.08", "--steps-per-round", "13"]) == 0
+    sigma = float(capsys.readouterr().out.split()[2])
+    assert accountant_epsilon(sigma, 0.08, 65, DELTA) <= 4.0 < accountant_epsilon(sigma * 0.95, 0.08, 65, DELTA)

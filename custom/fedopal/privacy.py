@@ -217,3 +217,42 @@ def epsilon_of_records(records: list[dict] | None) -> float | None:
     bound, later ones being post-processing of earlier ones); None if none was applied."""
     eps = [r["epsilon"] for r in records or [] if isinstance(r, dict) and "epsilon" in r]
     return min(eps) if eps else None
+
+
+def main(argv=None) -> int:
+    """`python -m fedopal.privacy`: epsilon for a site's settings, or the noise for a target epsilon (update mode;
+    with --sample-rate and --steps-per-round, DP-SGD). For an ethics board's question before anything runs."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, required=True, help="rounds the site will train and send")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--noise-multiplier", type=float, help="sigma (noise std in clip norms): print epsilon")
+    group.add_argument("--target-epsilon", type=float, help="print the noise multiplier that reaches it")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--accountant", choices=ACCOUNTANTS, default="prv")
+    p.add_argument("--sample-rate", type=float, help="DP-SGD: batch size / training records")
+    p.add_argument("--steps-per-round", type=int, help="DP-SGD: optimizer steps per round")
+    args = p.parse_args(argv)
+    dpsgd = args.sample_rate is not None
+    if dpsgd != (args.steps_per_round is not None):
+        p.error("DP-SGD needs both --sample-rate and --steps-per-round")
+    steps = args.rounds * (args.steps_per_round or 1)
+    mode = f"dpsgd, sample rate {args.sample_rate:g}, {steps} steps" if dpsgd else f"update, {args.rounds} releases"
+    if args.noise_multiplier is not None:
+        eps = (accountant_epsilon(args.noise_multiplier, args.sample_rate, steps, args.delta, args.accountant) if dpsgd
+               else update_epsilon(args.noise_multiplier, args.rounds, args.delta, args.accountant))
+        print(f"epsilon {eps:.4f} at delta {args.delta:g} ({mode}, noise multiplier {args.noise_multiplier:g}, "
+              f"{args.accountant.upper()})")
+    else:
+        sigma = (calibrate_noise(args.target_epsilon, args.delta, args.sample_rate, steps, args.accountant) if dpsgd
+                 else update_noise_for_epsilon(args.target_epsilon, args.rounds, args.delta, args.accountant))
+        print(f"noise multiplier {sigma:.4f} reaches epsilon {args.target_epsilon:g} at delta {args.delta:g} "
+              f"({mode}, {args.accountant.upper()})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
