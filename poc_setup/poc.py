@@ -9,7 +9,7 @@
     python poc_setup/poc.py stop                        # returns when every POC process is gone
     python poc_setup/poc.py clean
     python poc_setup/poc.py run jobs/fedopal_demo       # prepare .. stop in one go (`make poc`); always stops
-    python poc_setup/poc.py install-site-policy KIT_DIR  # a hospital's startup kit: privacy.json + site filter
+    python poc_setup/poc.py install-site-policy KIT_DIR [--policy FILE]  # a hospital's kit: privacy.json + filters
 
 The POC is the consortium of project.yml rehearsed locally: same admins and roles, the server renamed
 `server` on localhost, the given site names, and a free port. Everything lives under --workspace (the
@@ -41,11 +41,14 @@ sys.path.insert(0, os.path.join(REPO, "custom"))  # fedopal's report and progres
 
 SETUP_DIR = os.path.join(REPO, "poc_setup")
 CONSORTIUM_PROJECT = os.path.join(SETUP_DIR, "project.yml")
-SITE_PRIVACY = os.path.join(SETUP_DIR, "site_privacy.json")
-# The site filter is the job's own result filter, copied under a name of its own: a site must not depend on
-# (or be shadowed by) the `fedopal` package a job ships, and filters.py imports nothing but nvflare.
-SITE_FILTER_SOURCE = os.path.join(REPO, "custom", "fedopal", "filters.py")
-SITE_FILTER_MODULE = "fedopal_site_filter"
+SITE_PRIVACY = os.path.join(SETUP_DIR, "site_privacy.json")  # only the global adapter leaves
+SITE_PRIVACY_DP = os.path.join(SETUP_DIR, "site_privacy_dp.json")  # the same, clipped and noised (an example)
+# The site's policy code is the job's own filter and privacy modules, copied as a package of its own name
+# (fedopal_site): a site must not depend on (or be shadowed by) the `fedopal` package a job ships. filters.py,
+# methods.py and privacy.py import nothing from fedopal (filters.py imports methods relatively).
+SITE_POLICY_SOURCES = [os.path.join(REPO, "custom", "fedopal", name) for name in ("filters.py", "methods.py",
+                                                                                  "privacy.py")]
+SITE_POLICY_PACKAGE = "fedopal_site"
 DEFAULT_ROOT = os.path.join(REPO, "workspace", "poc")
 STATE_FILE = "fedopal_poc.json"
 POC_SERVER_NAME = "server"
@@ -92,16 +95,21 @@ def poc_project(consortium: dict, sites: list[str], port: int) -> dict:
     return {**consortium, "participants": [server, *clients, *admins]}
 
 
-def install_site_policy(site_dir: str) -> None:
-    """Site-enforced privacy for one site's startup kit (POC or provisioned): local/privacy.json selects the
-    filter for scope `fedopal` (and makes it the default scope), local/custom/ holds the filter's code."""
+def install_site_policy(site_dir: str, policy: str | None = None) -> None:
+    """Site-enforced privacy for one site's startup kit (POC or provisioned): local/privacy.json (the shipped
+    site_privacy.json, or `policy`) selects the filters for scope `fedopal` (and makes it the default scope);
+    local/custom/fedopal_site/ holds their code."""
     local = os.path.join(site_dir, "local")
     if not os.path.isdir(local):
         raise PocError(f"{site_dir}: no local/ folder, so this is not a site's startup kit. "
                        f"Fix: give the folder that holds startup/ and local/.")
-    os.makedirs(os.path.join(local, "custom"), exist_ok=True)
-    shutil.copyfile(SITE_PRIVACY, os.path.join(local, "privacy.json"))
-    shutil.copyfile(SITE_FILTER_SOURCE, os.path.join(local, "custom", f"{SITE_FILTER_MODULE}.py"))
+    package = os.path.join(local, "custom", SITE_POLICY_PACKAGE)
+    os.makedirs(package, exist_ok=True)
+    with open(os.path.join(package, "__init__.py"), "w") as f:
+        f.write('"""FedOPAL\'s site policy filters (installed by poc_setup/poc.py install-site-policy)."""\n')
+    for source in SITE_POLICY_SOURCES:
+        shutil.copyfile(source, os.path.join(package, os.path.basename(source)))
+    shutil.copyfile(policy or SITE_PRIVACY, os.path.join(local, "privacy.json"))
 
 
 def find_poc_processes(prod_dir: str) -> dict[int, float]:
@@ -467,14 +475,15 @@ def main(argv=None) -> int:
     sp.add_argument("--timeout", type=float, default=3600.0)
     sp.add_argument("--out", default=os.path.join(DEFAULT_ROOT, "results"), help="download folder")
     sp.add_argument("--gpus", type=int, nargs="+", help=gpu_help)
-    sp = sub.add_parser("install-site-policy", help="install privacy.json and the site filter in a site's kit")
+    sp = sub.add_parser("install-site-policy", help="install privacy.json and the site filters in a site's kit")
     sp.add_argument("site_kit", help="the site's startup kit folder (holds startup/ and local/)")
+    sp.add_argument("--policy", help="a privacy.json of the site's own (default: poc_setup/site_privacy.json)")
     args = p.parse_args(argv)
 
     try:
         if args.command == "install-site-policy":
-            install_site_policy(args.site_kit)
-            print(f"installed {args.site_kit}/local/privacy.json and local/custom/{SITE_FILTER_MODULE}.py")
+            install_site_policy(args.site_kit, args.policy)
+            print(f"installed {args.site_kit}/local/privacy.json and local/custom/{SITE_POLICY_PACKAGE}/")
             return 0
         sites = None
         if args.command in ("prepare", "run"):

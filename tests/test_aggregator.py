@@ -73,20 +73,16 @@ def test_round_with_no_accepted_update_keeps_the_global_model(config, shared):
     assert result.params_type == ParamsType.DIFF and result.params == {}
 
 
-def test_float16_transfer_halves_the_bytes_and_is_averaged_in_float16():
-    from fedopal.adapters import build_model, nbytes
-    from fedopal.config import config_from_dict
-    from fedopal.methods import get_method
-
-    raw = tiny_config().model_dump(mode="json")
-    raw["federation"]["transfer_dtype"] = "float16"
-    cfg = config_from_dict(raw)
-    model = build_model(cfg, get_method("fedopal_w", cfg.model.head), "site-1")
-    fp32, fp16 = model.shared_state(), model.shared_state("float16")
-    assert nbytes(fp16) * 2 == nbytes(fp32) and all(v.dtype == torch.float16 for v in fp16.values())
-    agg = SharedKeyAggregator(cfg.model_dump(mode="json"))
-    agg.accept_model(update({k: v.numpy() for k, v in fp16.items()}, weight=3))
-    agg.accept_model(update({k: v.numpy() for k, v in fp32.items()}, weight=3, site="site-2"))  # wrong dtype
+def test_diff_updates_are_averaged_into_a_diff_and_a_round_never_mixes_diff_and_full():
+    config = tiny_config().model_dump(mode="json")
+    agg = SharedKeyAggregator(config)
+    expected = agg.expected()
+    ones = {k: np.ones(shape, np.float32) for k, (shape, _) in expected.items()}
+    for site, weight, scale in (("site-1", 1, 1.0), ("site-2", 3, 5.0)):
+        model = update({k: v * scale for k, v in ones.items()}, weight=weight, site=site)
+        model.params_type = ParamsType.DIFF
+        agg.accept_model(model)
+    agg.accept_model(update(ones, weight=1, site="site-3"))  # FULL, in a DIFF round: rejected
     result = agg.aggregate_model()
-    assert all(v.dtype == np.float16 for v in result.params.values())
-    assert all(np.allclose(result.params[k], fp16[k].numpy()) for k in fp16)
+    assert result.params_type == ParamsType.DIFF
+    assert all(np.allclose(v, (1 * 1.0 + 3 * 5.0) / 4) and v.dtype == np.float32 for v in result.params.values())

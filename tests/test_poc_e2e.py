@@ -11,6 +11,7 @@ import contextlib
 import glob
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import sys
 from types import SimpleNamespace
 
 import psutil
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -27,6 +29,7 @@ from nvflare.apis.fl_context import FLContext
 from fedopal.adapters import build_model
 from fedopal.job import PRIVACY_SCOPE, export_job
 from fedopal.methods import get_method
+from fedopal.privacy import update_epsilon
 from fedopal.site_state import METRICS_FILE, PERSONAL_FILE
 
 from conftest import REPO, tiny_config
@@ -92,23 +95,46 @@ def test_committed_job_selects_the_scope_every_site_defines():
     assert [s["name"] for s in privacy["scopes"]] == [PRIVACY_SCOPE]
 
 
-def test_installed_site_filter_drops_personal_tensors_and_keeps_the_rest(tmp_path, tiny_cfg):
+def _installed_filters(kit):
+    """The site's privacy.json filters, built from the installed fedopal_site package alone (no `fedopal`)."""
+    with open(kit / "local" / "privacy.json") as f:
+        confs = json.load(f)["scopes"][0]["task_result_filters"]
+    sys.path.insert(0, str(kit / "local" / "custom"))
+    try:
+        for name in [m for m in sys.modules if m == "fedopal_site" or m.startswith("fedopal_site.")]:
+            del sys.modules[name]
+        built = []
+        for conf in confs:
+            module_name, class_name = conf["path"].rsplit(".", 1)
+            built.append(getattr(importlib.import_module(module_name), class_name)(**conf["args"]))
+        return built
+    finally:
+        sys.path.remove(str(kit / "local" / "custom"))
+
+
+def test_installed_site_policy_lets_only_the_global_adapter_leave(tmp_path, tiny_cfg):
     kit = tmp_path / "site-9"
     (kit / "local").mkdir(parents=True)
     poc.install_site_policy(str(kit))
-    with open(kit / "local" / "privacy.json") as f:
-        (filter_conf,) = json.load(f)["scopes"][0]["task_result_filters"]
-    module_name, class_name = filter_conf["path"].rsplit(".", 1)
-    spec = importlib.util.spec_from_file_location(module_name, kit / "local" / "custom" / f"{module_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # standalone: no `fedopal` package needed on the site
-    site_filter = getattr(module, class_name)(**filter_conf["args"])
+    (site_filter,) = _installed_filters(kit)
+    assert type(site_filter).__module__ == "fedopal_site.filters"  # standalone: not the job's fedopal package
 
     everything = build_model(tiny_cfg, get_method("fedopal_w"), "site-9").state_dict()
-    shareable = DXO(data_kind=DataKind.WEIGHTS, data={k: v.numpy() for k, v in everything.items()}).to_shareable()
+    shareable = DXO(data_kind=DataKind.WEIGHT_DIFF, data={k: v.numpy() for k, v in everything.items()}).to_shareable()
     sent = from_shareable(site_filter.process(shareable, FLContext())).data
-    assert any(".personal." in k for k in everything)
-    assert set(sent) == {k for k in everything if ".personal." not in k}
+    assert any(".personal." in k for k in everything) and any(k.startswith("head.") for k in everything)
+    assert set(sent) == {k for k in everything if ".lora_A.global." in k or ".lora_B.global." in k}
+
+
+def test_installed_dp_policy_clips_and_noises_the_update(tmp_path):
+    kit = tmp_path / "site-9"
+    (kit / "local").mkdir(parents=True)
+    poc.install_site_policy(str(kit), poc.SITE_PRIVACY_DP)
+    allow, dp = _installed_filters(kit)
+    assert type(dp).__module__ == "fedopal_site.privacy" and dp.source == "site policy"
+    update = {"backbone.x.lora_A.global.weight": np.full((4, 4), 10.0, np.float32)}
+    out = from_shareable(dp.process(DXO(data_kind=DataKind.WEIGHT_DIFF, data=update).to_shareable(), FLContext()))
+    assert out.get_meta_prop("fedopal_dp")[0]["clipped"] and out.get_meta_prop("fedopal_dp")[0]["epsilon"] > 0
 
 
 # -- one real POC: provisioned, started, two jobs, stopped -------------------------------------------
@@ -117,7 +143,8 @@ def poc_run(small_federation, tmp_path_factory):
     root, _ = small_federation
     tmp = tmp_path_factory.mktemp("poc")
     cfg = tiny_config(root, method="fedopal_w")
-    plain_job = export_job(cfg, str(tmp / "jobs"))
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head": "personal"})})  # the site sends
+    plain_job = export_job(cfg, str(tmp / "jobs"))                                         # only its global adapter
     leak_cfg = cfg.model_copy(update={"name": "fedopal_site_filter_test", "site_state_dir": str(tmp / "leak_state")})
     leak_job = export_job(leak_cfg, str(tmp / "jobs"), site_filter_only=True, test_leak_personal=True)
 
@@ -135,6 +162,8 @@ def poc_run(small_federation, tmp_path_factory):
     deployment = None
     try:
         deployment = poc.Poc.prepare(workspace, home, SITES)  # a free port
+        for site in SITES:  # each site's own policy: only the global adapter leaves, clipped and noised
+            poc.install_site_policy(os.path.join(deployment.prod_dir, site), poc.SITE_PRIVACY_DP)
         deployment.start()
         record_processes()
 
@@ -207,7 +236,7 @@ def test_personal_state_stays_in_each_site_workspace(poc_run):
     for site in SITES:
         path = os.path.join(poc_run.poc.prod_dir, site, "fedopal_site_state", site, PERSONAL_FILE)
         state = torch.load(path, map_location="cpu", weights_only=True)["state"]
-        assert state and all(".personal." in k for k in state)
+        assert any(".personal." in k for k in state) and all(".personal." in k or k.startswith("head.") for k in state)
     assert not glob.glob(os.path.join(poc_run.results["plain"], "**", PERSONAL_FILE), recursive=True)
 
 
@@ -228,4 +257,30 @@ def test_site_privacy_filter_alone_stops_leaked_personal_tensors(poc_run):
         assert all(s["bytes_sent"] > g["bytes"] for s, g in zip(sent, got))
         assert all(g["accepted"] and not any(".personal." in k for k in g["keys"]) for g in got)
         with open(os.path.join(poc_run.poc.prod_dir, site, leak_id, "log.txt")) as f:
-            assert "non-shared tensor(s) from the result" in f.read()  # the site filter's own log line
+            assert "dropped" in f.read()  # the site policy's own log line (what it dropped, by group)
+
+
+@pytest.mark.slow
+def test_the_site_policy_noises_updates_the_job_did_not_ask_to_noise(poc_run):
+    """The plain job has no privacy settings; each site's privacy.json clips and noises its update anyway, logs
+    epsilon in the site's own log, and the server records the site policy's epsilon."""
+    with open(poc_run.plain_job + "/app/custom/fedopal_job.json") as f:
+        assert json.load(f)["privacy"]["noise_multiplier"] == 0
+    with open(poc.SITE_PRIVACY_DP) as f:
+        args = json.load(f)["scopes"][0]["task_result_filters"][1]["args"]
+    received = _received_updates(poc_run.results["plain"])
+    for r in received:
+        (record,) = r["dp"]
+        assert record["source"] == "site policy" and record["noise_multiplier"] == args["noise_multiplier"]
+        assert r["epsilon"] == pytest.approx(update_epsilon(args["noise_multiplier"], record["releases"],
+                                                            args["delta"]), rel=1e-9)
+        # what arrived is the clipped update plus noise of sd sigma*C in every coordinate: its norm is that of the
+        # noise, sqrt(d) * sigma * C, give or take the (at most C) update and the chi distribution's spread
+        d = sum(v.numel() for v in torch.load(os.path.join(poc_run.results["plain"], "workspace", "app_server",
+                                                           "FL_global_model.pt"), weights_only=True)["model"].values())
+        expected = math.sqrt(d) * args["noise_multiplier"] * args["clip_norm"]
+        assert abs(r["norm"] - expected) <= args["clip_norm"] + 5 * args["noise_multiplier"] * args["clip_norm"]
+    for site in SITES:
+        with open(os.path.join(poc_run.poc.prod_dir, site, poc_run.job_ids["plain"], "log.txt")) as f:
+            log = f.read()
+        assert "differential privacy (site policy)" in log and "epsilon" in log

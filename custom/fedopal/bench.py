@@ -5,7 +5,12 @@
 1. Tuning: every method gets the same learning-rate grid (bench.lr_grid) on the first seed; the lr with the
    best mean over sites of the best *validation* balanced accuracy wins (test is never looked at).
 2. Main table: every method at its chosen lr, on every seed.
-3. Studies: lambda, head shared/personal and LoRA rank for the FedOPAL variants, on every seed.
+3. Studies: lambda, head shared/personal, LoRA rank and transfer quantization (NVFlare's ModelQuantizer) for the
+   FedOPAL variants, on every seed.
+4. The privacy study (bench.privacy): each listed method without DP and at each target epsilon in each privacy
+   mode (update: clip + noise of the released update; dpsgd: DP-SGD over every trained tensor), accuracy against
+   epsilon. `--only privacy` (or `--only quantization`) runs that study alone, with the learning rates of
+   <out>/chosen.json.
 
 Each run is the production job (client, filter, aggregator, persistor) in the simulator. A finished run is
 cached in <out>/runs/<run id>.json, so an interrupted benchmark resumes where it stopped.
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.device import DeviceError, check_precision, resolve_device
 from fedopal.methods import get_method
-from fedopal.report import best_round, collect_site_records, covered_mean
+from fedopal.report import best_round, collect_site_records, covered_mean, site_epsilons, updates_log
 
 EVALS = ("personalized", "global_only")
 DIAGNOSTICS = ("overlap_A", "overlap_B", "overlap_u", "random_A", "random_B", "random_u")
@@ -42,19 +47,35 @@ class RunSpec:
     orth_lambda: float
     head: str
     lora_rank: int
-    transfer_dtype: str = "float32"
+    quantization: str = "none"
+    privacy_mode: str = "none"  # none | update | dpsgd
+    target_epsilon: float = 0.0
+    clip_norm: float = 1.0
+    class_weights: str = ""  # "": the base config's
 
     @property
     def run_id(self) -> str:
-        return (f"{self.method}-s{self.seed}-lr{self.lr:g}-lam{self.orth_lambda:g}-head{self.head}"
-                f"-r{self.lora_rank}" + ("-fp16" if self.transfer_dtype == "float16" else ""))
+        run = (f"{self.method}-s{self.seed}-lr{self.lr:g}-lam{self.orth_lambda:g}-head{self.head}"
+               f"-r{self.lora_rank}")
+        if self.quantization != "none":
+            run += f"-q{self.quantization}"
+        if self.class_weights:
+            run += f"-cw{self.class_weights}"
+        if self.privacy_mode != "none":
+            run += f"-dp{self.privacy_mode}-eps{self.target_epsilon:g}-c{self.clip_norm:g}"
+        return run
 
     def config(self, base: FedOpalConfig) -> FedOpalConfig:
         raw = base.model_dump(mode="json")
         raw["name"] = "bench_" + self.run_id.replace(".", "p")
         raw["train"].update(method=self.method, seed=self.seed, lr=self.lr, orth_lambda=self.orth_lambda)
         raw["model"].update(head=self.head, lora_rank=self.lora_rank)
-        raw["federation"]["transfer_dtype"] = self.transfer_dtype
+        raw["federation"]["quantization"] = self.quantization
+        if self.class_weights:
+            raw["train"]["class_weights"] = self.class_weights
+        if self.privacy_mode != "none":
+            raw["privacy"] = {**raw.get("privacy", {}), "mode": self.privacy_mode, "noise_multiplier": 0.0,
+                              "target_epsilon": self.target_epsilon, "clip_norm": self.clip_norm}
         return FedOpalConfig.model_validate(raw)
 
 
@@ -63,20 +84,17 @@ def default_spec(base: FedOpalConfig, method: str, seed: int, lr: float, head: s
     model.head) where the method allows it. The spec names the head actually used, so equal runs share a cache."""
     head = get_method(method, head or base.model.head).head
     return RunSpec(method, seed, lr, base.train.orth_lambda, head, base.model.lora_rank,
-                   base.federation.transfer_dtype)
+                   base.federation.quantization)
 
 
 # -- one run ---------------------------------------------------------------------------------------------
 
 def received_bytes(job_ws: str) -> dict[str, float]:
-    """Mean bytes per round that the server actually received from each site (0 if it never sent)."""
-    path = os.path.join(job_ws, "server", "simulate_job", "app_server", "fedopal_updates.jsonl")
+    """Mean bytes per round that the server actually received from each site, as they crossed the network
+    (quantized, with the quantization state); 0 if it never sent."""
     per_site: dict[str, list[int]] = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                per_site.setdefault(r["site"], []).append(r["bytes"])
+    for r in updates_log(job_ws):
+        per_site.setdefault(r["site"], []).append(r.get("wire_bytes", r["bytes"]))
     return {site: sum(v) / len(v) for site, v in per_site.items()}
 
 
@@ -101,7 +119,8 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, 
     wall = time.time() - start
     result = {"run_id": spec.run_id, "spec": spec.__dict__, "wall_s": round(wall, 1),
               "cpu_s": round(_cpu_seconds() - cpu_start, 1),
-              "sites": collect_site_records(job_ws), "bytes_received": received_bytes(job_ws)}
+              "sites": collect_site_records(job_ws), "bytes_received": received_bytes(job_ws),
+              "epsilon": site_epsilons(job_ws)}
     os.makedirs(runs_dir, exist_ok=True)
     tmp = cache + ".tmp"
     with open(tmp, "w") as f:
@@ -208,8 +227,10 @@ class Bench:
         self.done += 1
         cached = os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json"))
         elapsed = time.time() - self.started
+        extra = (f" {spec.quantization}" if spec.quantization != "none" else "") + (
+            f" DP {spec.privacy_mode} eps {spec.target_epsilon:g}" if spec.privacy_mode != "none" else "")
         print(f"[{self.done}/{total}] {spec.method:<12} seed {spec.seed}  lr {spec.lr:g}  lambda {spec.orth_lambda:g}"
-              f"  head {spec.head}  r {spec.lora_rank}{' float16' if spec.transfer_dtype == 'float16' else ''}"
+              f"  head {spec.head}  r {spec.lora_rank}{extra}"
               f"{'  (cached)' if cached else ''}   elapsed {elapsed / 60:.1f} min",
               flush=True)
         return self._kept(run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus))
@@ -241,7 +262,7 @@ class Bench:
             if method in st.methods:
                 vary["head"] = [(h, {"head": h}) for h in st.head]
                 vary["rank"] = [(str(r), {"lora_rank": r}) for r in st.lora_rank]
-                vary["transfer dtype"] = [(t, {"transfer_dtype": t}) for t in st.transfer_dtype]
+                vary["quantization"] = [(q, {"quantization": q}) for q in st.quantization]
             for study, values in vary.items():
                 out[f"{method}: {study}"] = [
                     (label, [RunSpec(**{**d.__dict__, "seed": s, **change}) for s in seeds])
@@ -253,6 +274,42 @@ class Bench:
                 for m in self.base.bench.methods]
         return out
 
+    def privacy_specs(self, lrs: dict[str, float]) -> dict[str, list[tuple[str, float, list[RunSpec]]]]:
+        """method -> [(mode, target epsilon (inf: no DP), one run per seed)], every run with the study's class
+        weights."""
+        ps = self.base.bench.privacy
+        if ps is None:
+            return {}
+        seeds = ps.seeds or self.base.bench.seeds
+        out = {}
+        for method in ps.methods:
+            d = default_spec(self.base, method, 0, lrs.get(method, self.base.bench.lr_grid[0]))
+            d = RunSpec(**{**d.__dict__, "class_weights": ps.class_weights})
+            rows = [("none", math.inf, [RunSpec(**{**d.__dict__, "seed": s}) for s in seeds])]
+            for mode in ps.modes:
+                clip = ps.clip_norm_update if mode == "update" else ps.clip_norm_dpsgd
+                for eps in ps.target_epsilon:
+                    rows.append((mode, eps, [RunSpec(**{**d.__dict__, "seed": s, "privacy_mode": mode,
+                                                        "target_epsilon": eps, "clip_norm": clip}) for s in seeds]))
+            out[method] = rows
+        return out
+
+    def run_privacy_study(self, lrs: dict[str, float], cached_only: bool = False) -> dict:
+        """Seed by seed (the first seed's whole grid first), so that an interrupted study has complete seeds.
+        cached_only: run nothing, report the runs already finished (a partial study says how many seeds each row has)."""
+        specs = self.privacy_specs(lrs)
+        if cached_only:
+            done = lambda s: os.path.isfile(os.path.join(self.runs_dir, s.run_id + ".json"))  # noqa: E731
+            specs = {m: [(mode, eps, [s for s in runs if done(s)]) for mode, eps, runs in rows] for m, rows in
+                     specs.items()}
+        flat = [s for rows in specs.values() for _, _, runs in rows for s in runs]
+        total = len(flat)
+        for seed in sorted({s.seed for s in flat}):
+            for spec in (s for s in flat if s.seed == seed):
+                self.run(spec, total)
+        return {m: [(mode, eps, [run_once(self.base, s, self.runs_dir, self.workspace, self.gpus) for s in runs])
+                    for mode, eps, runs in rows] for m, rows in specs.items()}
+
     def planned_total(self) -> int:
         """Distinct runs in the plan. The chosen lrs do not change the count: the first seed's main-table run
         is always one of the tuning runs."""
@@ -260,6 +317,7 @@ class Bench:
         ids = {s.run_id for s in self.tuning_specs()}
         ids |= {s.run_id for runs in self.main_specs(lrs).values() for s in runs}
         ids |= {s.run_id for values in self.study_specs(lrs).values() for _, runs in values for s in runs}
+        ids |= {s.run_id for rows in self.privacy_specs(lrs).values() for _, _, runs in rows for s in runs}
         return len(ids)
 
     def execute(self) -> dict:
@@ -290,7 +348,8 @@ class Bench:
             for name in studies:
                 if name.endswith(": lambda"):
                     studies[name].insert(0, ("0 (dual_lora)", zero))
-        return {"main": main, "studies": studies}
+        privacy = self.run_privacy_study(self.chosen_lr)
+        return {"main": main, "studies": studies, "privacy": privacy}
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -401,6 +460,89 @@ def studies_markdown(studies: dict) -> str:
             lines.append(f"| {label} | {_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | {agg['bytes_per_round']:,.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _epsilon_reached(results: list[dict]) -> float:
+    """The largest epsilon any site reached (final round), the mean over seeds; inf without DP."""
+    per_seed = [max(r.get("epsilon", {}).values(), default=math.inf) for r in results]
+    return statistics.fmean(per_seed) if per_seed else math.inf
+
+
+def privacy_markdown(privacy: dict, base: FedOpalConfig) -> str:
+    ps = base.bench.privacy
+    lines = ["# Privacy study", "",
+             f"{base.name}: {base.federation.num_sites} sites, {base.train.num_rounds} rounds, {base.model.backbone} "
+             f"at {base.data.image_size}, delta {1e-5:g} (privacy.delta), class weights `{ps.class_weights}` in every "
+             "run (DP-SGD needs an unweighted per-sample loss), accountant PRV (Opacus). *update*: each site clips its "
+             f"round update to C = {ps.clip_norm_update:g} and adds Gaussian noise (a guarantee for the site's whole "
+             f"dataset); *dpsgd*: DP-SGD over every trained tensor, per-sample clip C = {ps.clip_norm_dpsgd:g}, "
+             "Poisson batches (a guarantee per patient record, add/remove). The noise is calibrated so that the last "
+             "round reaches the target epsilon; *epsilon reached* is the largest any site reported. Balanced "
+             "accuracy: site mean of each site's test value at its best-validation round, mean ± sd over seeds.", "",
+             "*final round*: the same at the last round (no selection); *round chosen*: the mean best-validation "
+             "round (1-based).", "",
+             "| method | DP mode | target epsilon | epsilon reached | bal. acc. | worst site | final round | "
+             "round chosen | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, rows in privacy.items():
+        for mode, eps, results in rows:
+            agg = aggregate(results)
+            if not agg:
+                continue
+            reached = _epsilon_reached(results)
+            rows_ = [site_results(r, "personalized") for r in results]
+            final = _final_mean(results)
+            chosen = statistics.fmean(x["best_round"] for rs in rows_ for x in rs)
+            lines.append(f"| {method} | {mode if mode != 'none' else 'no DP'} | "
+                         f"{'∞' if math.isinf(eps) else f'{eps:g}'} | {'∞' if math.isinf(reached) else f'{reached:.2f}'} | "
+                         f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
+                         f"{_pm(final)} | {chosen:.1f} | {agg['n_seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _final_mean(results: list[dict]) -> tuple[float, float]:
+    rows = [site_results(r, "personalized") for r in results]
+    return _mean_sd([covered_mean([x["final_balanced_accuracy"] for x in rs])[0] for rs in rows if rs])
+
+
+def plot_privacy(privacy: dict, path: str) -> None:
+    """Site-mean balanced accuracy against epsilon (log axis), at the best-validation round (left) and at the final
+    round (right): a line per method and mode, no DP dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, title, value in ((axes[0], "at each site's best-validation round", lambda res: aggregate(res)["bacc"]),
+                             (axes[1], "at the final round", _final_mean)):
+        for i, (method, rows) in enumerate(privacy.items()):
+            color = f"C{i}"
+            for mode, marker, style in (("update", "s", ":"), ("dpsgd", "o", "-")):
+                pts = [(eps, value(res)) for m, eps, res in rows if m == mode and res]
+                if pts:
+                    ax.errorbar([e for e, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts],
+                                fmt=marker + style, color=color, capsize=2, label=f"{method} {mode}")
+            base = [value(res) for m, _, res in rows if m == "none" and res]
+            if base:
+                ax.axhline(base[0][0], color=color, ls="--", lw=1, label=f"{method} no DP")
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (delta = 1e-5), log scale")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("site-mean test balanced accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=3, loc="lower center")
+    fig.suptitle("Accuracy against the privacy budget (update: dotted squares, dpsgd: solid circles)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_privacy(privacy: dict, base: FedOpalConfig, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "privacy.md"), "w") as f:
+        f.write(privacy_markdown(privacy, base))
+    plot_privacy(privacy, os.path.join(out_dir, "privacy.png"))
 
 
 def plot(main: dict[str, list[dict]], out_dir: str) -> None:
@@ -514,6 +656,30 @@ def guide_markdown(folders: list[str]) -> str:
                                    "when it exceeds twice the larger seed sd.", ""] + readings)
 
 
+def run_only(bench: Bench, study: str, cached_only: bool = False) -> int:
+    """One study alone, at the learning rates the full benchmark chose (<out>/chosen.json)."""
+    chosen = os.path.join(bench.out_dir, "chosen.json")
+    lrs = {}
+    if os.path.isfile(chosen):
+        with open(chosen) as f:
+            lrs = {m: float(v) for m, v in json.load(f)["chosen_lr"].items()}
+    if study == "privacy":
+        privacy = bench.run_privacy_study(lrs, cached_only)
+        write_privacy(privacy, bench.base, bench.out_dir)
+        print(privacy_markdown(privacy, bench.base))
+        print(f"written: {bench.out_dir}/privacy.md, privacy.png")
+        return 0
+    studies = {k: v for k, v in bench.study_specs(lrs).items() if k.endswith(": quantization")}
+    total = sum(len(runs) for values in studies.values() for _, runs in values)
+    results = {name: [(label, [bench.run(s, total) for s in runs]) for label, runs in values]
+               for name, values in studies.items()}
+    text = studies_markdown(results).replace("# Studies", "# Transfer quantization (NVFlare ModelQuantizer)", 1)
+    with open(os.path.join(bench.out_dir, "quantization.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="the benchmark's config (one federation)")
@@ -524,6 +690,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="--guide: also write the table to this markdown file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--gpus", default=None, metavar="IDS", help="GPUs for the simulated sites, as fedopal.job --gpus")
+    p.add_argument("--cached-only", action="store_true", help="with --only privacy: write the tables from the runs "
+                                                               "already finished, run nothing")
+    p.add_argument("--only", choices=["privacy", "quantization"],
+                   help="run only that study, with the learning rates of <out>/chosen.json (else the grid's first)")
     args = p.parse_args(argv)
     if args.guide:
         missing = [f for f in args.guide if not os.path.isfile(os.path.join(f, "summary.csv"))]
@@ -556,6 +726,8 @@ def main(argv=None) -> int:
     out_dir = cfg.bench.out_dir
     os.makedirs(out_dir, exist_ok=True)
     bench = Bench(cfg, out_dir, os.path.abspath(args.workspace), gpus=args.gpus)
+    if args.only:
+        return run_only(bench, args.only, args.cached_only)
     start = time.time()
     results = bench.execute()
     wall = time.time() - start
@@ -577,6 +749,8 @@ def main(argv=None) -> int:
         json.dump({"chosen_lr": bench.chosen_lr, "tuning": {m: {str(k): v for k, v in s.items()}
                                                             for m, s in bench.tuning.items()}}, f, indent=2)
     plot(results["main"], out_dir)
+    if results["privacy"]:
+        write_privacy(results["privacy"], cfg, out_dir)
     print(md)
     print(f"written: {out_dir}/summary.csv, summary.md, per_site.png, rounds.png"
           + (", studies.md" if results["studies"] else ""))

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -84,6 +85,7 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
 
     from fedopal.aggregator import SharedKeyAggregator
     from fedopal.filters import SharedOnlyFilter
+    from fedopal.privacy import DPUpdateFilter
 
     class FedOpalRecipe(FedAvgRecipe):
         """FedAvgRecipe whose round counter can start where an aborted job stopped."""
@@ -131,6 +133,23 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
     if not site_filter_only:
         # Defense in depth: whatever the site script does, only shared keys leave the site, on every task.
         recipe.add_client_output_filter(SharedOnlyFilter(shared_pattern=spec.shared_pattern()), tasks=["*"])
+    privacy = cfg.privacy
+    if privacy.enabled and privacy.mode == "update":
+        # clip + noise the round's update on the site, after the shared-only filter, before any quantization
+        recipe.add_client_output_filter(DPUpdateFilter(clip_norm=privacy.clip_norm, noise_multiplier=update_noise(cfg),
+                                                       delta=privacy.delta, accountant=privacy.accountant),
+                                        tasks=["train"])
+    if cfg.federation.quantization != "none":
+        from fedopal.transfer import ServerDequantizer, SiteQuantizer
+
+        recipe.add_client_output_filter(SiteQuantizer(quantization_type=cfg.federation.quantization), tasks=["train"])
+        recipe.add_server_input_filter(ServerDequantizer(), tasks=["train"])
+    if cfg.federation.cross_site_eval:
+        # NVFlare's cross-site evaluation of the final global model on every site (sites submit no model: their
+        # personal tensors never leave); each site answers with its global-only and personalized test metrics
+        from nvflare.recipe.utils import add_final_global_evaluation
+
+        add_final_global_evaluation(recipe)
     set_recipe_meta(recipe, JobMetaKey.SCOPE, PRIVACY_SCOPE)
     if resource_spec(cfg):
         set_recipe_meta(recipe, JobMetaKey.RESOURCE_SPEC, resource_spec(cfg))
@@ -138,6 +157,17 @@ def build_recipe(cfg: FedOpalConfig, staging: str, site_filter_only: bool = Fals
     recipe.add_server_config({"server": {"task_request_interval": cfg.federation.task_request_interval_s}})
     add_experiment_tracking(recipe, "tensorboard")
     return recipe
+
+
+def update_noise(cfg: FedOpalConfig) -> float:
+    """privacy.mode update: the noise multiplier the job's filter applies (given, or calibrated so that
+    train.num_rounds releases end at privacy.target_epsilon)."""
+    from fedopal.privacy import update_noise_for_epsilon
+
+    p = cfg.privacy
+    if p.noise_multiplier > 0:
+        return p.noise_multiplier
+    return round(update_noise_for_epsilon(p.target_epsilon, cfg.train.num_rounds, p.delta, p.accountant), 6)
 
 
 def export_job(cfg: FedOpalConfig, jobs_dir: str, **recipe_options) -> str:
@@ -214,8 +244,11 @@ def checkpoint_round(ckpt: str, num_rounds: int) -> int:
     if not os.path.isfile(ckpt):
         raise ResumeError(f"{ckpt}: no global checkpoint to resume from. Fix: run without --resume, or give "
                           "the path of the aborted job's FL_global_model.pt.")
-    try:
-        last_round = torch.load(ckpt, map_location="cpu", weights_only=False)["meta_props"]["current_round"]
+    try:  # tensors and plain containers only: a file that would need pickle to load is refused, never executed
+        last_round = torch.load(ckpt, map_location="cpu", weights_only=True)["meta_props"]["current_round"]
+    except pickle.UnpicklingError:
+        raise ResumeError(f"{ckpt}: refused, it holds Python objects that only pickle can load (torch.load "
+                          "weights_only=True). Fix: give the FL_global_model.pt FLARE wrote for the aborted job.") from None
     except Exception as err:  # a foreign or damaged file
         raise ResumeError(f"{ckpt}: not a FLARE global checkpoint ({type(err).__name__}). "
                           "Fix: give the FL_global_model.pt of the aborted job.") from None

@@ -379,7 +379,7 @@ def vit_s_part(args, results: dict) -> None:
     results["vit_s"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in vit.items()}
     results["bytes_fraction_float32"] = round(vit["bytes_fraction"], 5)
     fp16_cfg = config_from_dict({**vit_cfg.model_dump(mode="json"), "name": "perf_vit_s_fp16",
-                                 "federation": {**vit_cfg.federation.model_dump(), "transfer_dtype": "float16"}})
+                                 "federation": {**vit_cfg.federation.model_dump(), "quantization": "float16"}})
     vit16 = communication(fp16_cfg, simulate_timed(fp16_cfg, args.workspace)["bytes_received"])
     results["vit_s_float16"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in vit16.items()}
     results["bytes_fraction"] = round(vit16["bytes_fraction"], 5)  # FedOPAL as shipped for ViT-S: float16

@@ -1,7 +1,10 @@
-"""Per-site results table from the sites' metrics logs.
+"""Per-site results table from the sites' metrics logs, plus what the server recorded.
 
 Model selection follows METHOD.md: test metrics are reported at the round where that site's
 *validation* balanced accuracy peaked (that round is recorded), and at the final round.
+From the server's side (where the job's workspace holds it): the bytes each site's updates took on the wire, the
+privacy loss epsilon each site's updates carried (differential privacy), and NVFlare's cross-site evaluation
+(`cross_val_results.json`) as a model x site matrix.
 """
 
 from __future__ import annotations
@@ -20,6 +23,100 @@ def metrics_files(job_ws: str) -> list[str]:
     """Every site's metrics log of a job: in its workspace (POC, downloads) or beside it (simulator)."""
     roots = [job_ws, simulation_state_root(job_ws)]
     return sorted(p for root in roots for p in glob.glob(os.path.join(root, "**", METRICS_FILE), recursive=True))
+
+
+UPDATES_LOG = os.path.join("app_server", "fedopal_updates.jsonl")
+CROSS_VAL_RESULTS = os.path.join("cross_site_val", "cross_val_results.json")
+
+
+def _server_file(job_ws: str, name: str) -> str | None:
+    """A server-side file of a job: the simulator's <ws>/server/simulate_job/..., or a download's workspace/..."""
+    for root in (os.path.join(job_ws, "server", "simulate_job"), os.path.join(job_ws, "workspace")):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def updates_log(job_ws: str) -> list[dict]:
+    """Every update the server's aggregator received (aggregator.UPDATES_LOG), [] where the job has none here."""
+    path = _server_file(job_ws, UPDATES_LOG)
+    if path is None:
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def site_epsilons(job_ws: str) -> dict[str, float]:
+    """Per site, the privacy loss epsilon its last update carried (its accountant covers every round before); sites
+    without differential privacy are absent."""
+    out: dict[str, tuple[int, float]] = {}
+    for r in updates_log(job_ws):
+        eps = r.get("epsilon")
+        if eps is not None and (r["site"] not in out or r["round"] >= out[r["site"]][0]):
+            out[r["site"]] = (r["round"], eps)
+    return {site: eps for site, (_, eps) in sorted(out.items())}
+
+
+def cross_site_matrix(job_ws: str, metric: str = "balanced_accuracy", model: str = "SRV_FL_global_model.pt") -> dict | None:
+    """NVFlare's cross-site evaluation as a matrix: rows = models (the final global model, then each site's
+    personalized model), columns = the sites whose test split evaluated them. A personalized model is evaluated on
+    its own site only (its personal tensors never leave), so the other cells are None. Returns None if the job ran
+    no cross-site evaluation. The global row uses the global-only view (personal adapter off; a personal head is
+    the evaluating site's own)."""
+    path = _server_file(job_ws, CROSS_VAL_RESULTS)
+    if path is None:
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    sites = sorted(results)
+    rows = ["global"] + sites
+
+    def value(site: str, view: str):
+        metrics = results[site].get(model) or {}
+        v = metrics.get(f"{view}/test/{metric}", metrics.get(f"personalized/test/{metric}") if view == "global_only"
+                        else None)
+        return v if _defined(v) else None
+
+    matrix = [[value(site, "global_only") for site in sites]]
+    matrix += [[value(site, "personalized") if site == row else None for site in sites] for row in sites]
+    return {"metric": f"test {metric}", "model": model, "rows": rows, "columns": sites, "values": matrix}
+
+
+def plot_cross_site(matrix: dict, path: str, title: str) -> None:
+    """The cross-site matrix as a heat map; cells that cannot exist (a personalized model on another site) grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix["values"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.3 * len(matrix["columns"]) + 2.5, 0.6 * len(matrix["rows"]) + 1.6))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.5, vmax=1.0)
+    ax.set_xticks(range(len(matrix["columns"])), matrix["columns"])
+    ax.set_yticks(range(len(matrix["rows"])), [r if r == "global" else f"{r} personalized" for r in matrix["rows"]])
+    ax.set_xlabel("test split of site")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "stays on site" if np.isnan(v) and i > 0 else ("n/a" if np.isnan(v) else f"{v:.3f}"),
+                    ha="center", va="center", fontsize=7, color="black" if np.isnan(v) or v > 0.75 else "white")
+    fig.colorbar(image, ax=ax, label=matrix["metric"])
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cross_site_markdown(matrix: dict) -> str:
+    lines = [f"Cross-site evaluation (NVFlare), {matrix['metric']}: rows are models, columns the site whose test split "
+             "evaluated them.", "", "| model | " + " | ".join(matrix["columns"]) + " |",
+             "|---|" + "---|" * len(matrix["columns"])]
+    for name, row in zip(matrix["rows"], matrix["values"]):
+        label = "global (final)" if name == "global" else f"{name} personalized"
+        lines.append(f"| {label} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines)
 
 
 def collect_site_records(job_ws: str) -> dict[str, list[dict]]:
@@ -84,6 +181,15 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     if not records:
         raise RuntimeError(f"no site metrics found under {job_ws}: did the job run? See {job_ws}/*/log.txt")
     rows = [site_row(site, rs) for site, rs in records.items()]
+    epsilons = site_epsilons(job_ws)
+    wire = {}
+    for r in updates_log(job_ws):
+        wire.setdefault(r["site"], []).append(r.get("wire_bytes", r["bytes"]))
+    for r in rows:
+        if r["site"] in wire:  # what the server received (after quantization), not what the script handed FLARE
+            r["bytes_per_round"] = round(sum(wire[r["site"]]) / len(wire[r["site"]]))
+        r["epsilon"] = epsilons.get(r["site"])
+    has_dp = any(r["epsilon"] is not None for r in rows)
     metric_cols = ("bacc_personalized", "bacc_global_only", "accuracy", "auc", "bacc_personalized_final")
     means = {c: covered_mean([r[c] for r in rows]) for c in metric_cols}
     mean = {c: m for c, (m, _) in means.items()}
@@ -93,31 +199,43 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     total = len(rows)
     has_global = any(_defined(r["bacc_global_only"]) for r in rows)
     header = ("| site | best val round | bal. acc. personalized | bal. acc. global-only | accuracy | AUC | "
-              "bal. acc. final round | bytes sent / round |")
+              "bal. acc. final round | bytes sent / round |" + (" epsilon |" if has_dp else ""))
+    eps_cell = lambda r: (f" {_fmt(r['epsilon'])} |" if r["epsilon"] is not None else " none |") if has_dp else ""  # noqa: E731
     head = get_method(cfg.train.method, cfg.model.head).head
     lines = [f"### {cfg.name}: {cfg.train.method}, {len(rows)} sites, {cfg.train.num_rounds} rounds "
              f"({cfg.model.backbone}, r={cfg.model.lora_rank}, {head} head)", "",
-             header, "|" + "---|" * 8]
+             header, "|" + "---|" * (9 if has_dp else 8)]
     for r in rows:
         lines.append(f"| {r['site']} | {_fmt(r['best_val_round'])} | "
                      + " | ".join(_fmt(r[c]) for c in metric_cols[:4])
-                     + f" | {_fmt(r['bacc_personalized_final'])} | {_fmt(r['bytes_per_round'])} |")
+                     + f" | {_fmt(r['bacc_personalized_final'])} | {_fmt(r['bytes_per_round'])} |" + eps_cell(r))
     lines.append("| **mean** | | " + " | ".join(
         _fmt_mean(mean[c], coverage[c], total) if c != "bacc_global_only" or has_global else "**n/a**"
-        for c in metric_cols[:4]) + f" | {_fmt_mean(mean['bacc_personalized_final'], coverage['bacc_personalized_final'], total, bold=False)} | |")
+        for c in metric_cols[:4]) + f" | {_fmt_mean(mean['bacc_personalized_final'], coverage['bacc_personalized_final'], total, bold=False)} | |"
+        + (" |" if has_dp else ""))
     if worst is not None:
-        lines.append(f"| worst site | {worst['site']} | {_fmt(worst['bacc_personalized'])} | | | | | |")
+        lines.append(f"| worst site | {worst['site']} | {_fmt(worst['bacc_personalized'])} | | | | | |"
+                     + (" |" if has_dp else ""))
     notes = ["Test metrics at each site's best-validation round (balanced accuracy is the headline)."]
     if any(not _defined(r[c]) for r in rows for c in ("bacc_personalized", "auc")):
         notes.append("n/a: undefined on that site's split (one class present: no balanced accuracy or AUC); a mean "
                      "over fewer sites says how many it covers.")
     if any(isinstance(r["best_val_round"], str) for r in rows):
         notes.append("n/a (final): the validation split cannot rank rounds (one class), so the final round is shown.")
+    if has_dp:
+        p = cfg.privacy
+        notes.append(f"epsilon: each site's privacy loss after its last round at delta {p.delta:g} (privacy.mode "
+                     f"{p.mode}, {p.accountant.upper()} accountant; the tightest bound among the mechanisms applied), as "
+                     "its updates told the server.")
     lines += ["", " ".join(notes)]
+    matrix = cross_site_matrix(job_ws)
+    if matrix is not None:
+        lines += ["", cross_site_markdown(matrix)]
     return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean,
             "mean_sites": coverage,
             "worst_site": ({"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]} if worst
                            else None),
+            "epsilon": epsilons or None, "cross_site": matrix,
             "wall_s": round(wall_s, 1), "workspace": job_ws, "config": cfg.model_dump(mode="json"),
             "markdown": "\n".join(lines)}
 
@@ -177,6 +295,9 @@ def write_summary(summary: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     plot_rounds(collect_site_records(summary["workspace"]), os.path.join(out_dir, "rounds.png"),
                 f"{summary['name']}: {summary['method']}")
+    if summary.get("cross_site"):
+        plot_cross_site(summary["cross_site"], os.path.join(out_dir, "cross_site.png"),
+                        f"{summary['name']}: {summary['method']}, cross-site evaluation")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "markdown"}, f, indent=2)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:

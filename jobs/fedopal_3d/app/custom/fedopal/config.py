@@ -175,8 +175,13 @@ class FederationConfig(_Section):
     task_request_interval_s: float = Field(
         0.25, gt=0, le=60, description="how soon a site asks again when the server has no task yet (FLARE's "
                                        "default, 2 s, idles every site about 2 s per round)")
-    transfer_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="dtype of the shared tensors a site sends (float16 halves the bytes)")
+    quantization: Literal["none", "float16", "blockwise8", "float4", "normfloat4"] = Field(
+        "none", description="compress what a site sends with NVFlare's ModelQuantizer (site) and ModelDequantizer "
+                            "(server): float16 halves the bytes, blockwise8 quarters them, float4/normfloat4 about an "
+                            "eighth; the server keeps and saves the global model in float32")
+    cross_site_eval: bool = Field(
+        False, description="after training, NVFlare's cross-site evaluation: the final global model on every site's "
+                           "test split, each site's personalized model on its own (summary.json: cross_site)")
     straggler_wait_s: int = Field(600, ge=0, description="with min_clients < num_sites: seconds a round waits for the "
                                                          "other sites after min_clients answered")
     site_names: Optional[list[str]] = Field(None, description="default: site-1 .. site-N")
@@ -186,7 +191,11 @@ class FederationConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _sites_agree(cls, data):
-        """site_names sets the number of sites; a num_sites that disagrees with it is an error, not ignored."""
+        """site_names sets the number of sites; a num_sites that disagrees with it is an error, not ignored.
+        federation.transfer_dtype (replaced by quantization) is a one-line error naming its successor."""
+        if isinstance(data, dict) and "transfer_dtype" in data:
+            raise ValueError("federation.transfer_dtype was replaced by federation.quantization (NVFlare's "
+                             "ModelQuantizer); write quantization: float16 for what transfer_dtype: float16 did")
         if isinstance(data, dict) and data.get("site_names"):
             names = list(data["site_names"])
             if "num_sites" in data and data["num_sites"] != len(names):
@@ -208,6 +217,44 @@ class FederationConfig(_Section):
         return list(self.site_names) if self.site_names else [f"site-{i + 1}" for i in range(self.num_sites)]
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy on what a site releases (README "Privacy", docs/privacy.md). Off unless noise_multiplier
+    > 0 or target_epsilon is set."""
+
+    mode: Literal["update", "dpsgd"] = Field(
+        "update", description="update: each site clips its whole round update (the shared tensors' difference from "
+                              "what it received) to clip_norm and adds Gaussian noise (NVFlare filter, a guarantee "
+                              "for the site's whole dataset); dpsgd: patient-level DP-SGD (Opacus) over every trained "
+                              "tensor, Poisson-subsampled batches")
+    noise_multiplier: float = Field(
+        0.0, ge=0, le=1e6, description="Gaussian noise std in units of clip_norm (0: no DP); update mode: on the "
+                                       "update, dpsgd: on each step's summed per-sample gradients")
+    target_epsilon: Optional[float] = Field(
+        None, gt=0, description="instead of noise_multiplier: the noise is calibrated so that train.num_rounds "
+                                "rounds end at this epsilon (at delta, with the accountant)")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound: of the whole round update (update), of each "
+                                                    "sample's gradient (dpsgd)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at (below 1 / records)")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus's accountant: prv (tight) or rdp")
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon is not None
+
+
+class PrivacyStudyConfig(_Section):
+    """The benchmark's privacy study: accuracy against epsilon, both modes, and without DP."""
+
+    methods: list[str] = Field(["fedopal_w", "fedavg_lora", "ffa_lora"], description="methods of the privacy study")
+    target_epsilon: list[float] = Field([1.0, 4.0, 16.0], description="the epsilons each run is calibrated to")
+    modes: list[Literal["update", "dpsgd"]] = Field(["update", "dpsgd"], description="the DP modes compared")
+    clip_norm_update: float = Field(1.0, gt=0, description="update mode: L2 bound of a round's update")
+    clip_norm_dpsgd: float = Field(1.0, gt=0, description="dpsgd: L2 bound of a sample's gradient")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="every run of the study alike (DP-SGD needs an unweighted per-sample loss)")
+    seeds: Optional[list[int]] = Field(None, description="default: the bench's seeds")
+
+
 class StudiesConfig(_Section):
     """Sensitivity studies, run on the bench federation with the tuned learning rates and every seed."""
 
@@ -217,8 +264,8 @@ class StudiesConfig(_Section):
     head: list[Literal["shared", "personal"]] = Field(["shared", "personal"], description="head placements of the "
                                                                                       "head study")
     lora_rank: list[int] = Field([4, 8, 16], description="ranks of the rank study")
-    transfer_dtype: list[Literal["float32", "float16"]] = Field(["float32", "float16"],
-                                                                description="transfer dtypes of the transfer study")
+    quantization: list[Literal["none", "float16", "blockwise8", "float4", "normfloat4"]] = Field(
+        ["none", "float16", "blockwise8", "normfloat4"], description="the transfer study: NVFlare quantizer modes")
     same_head: Optional[Literal["shared", "personal"]] = Field(
         None, description="also run every method with this head placement where its design allows it to move (the "
                           "'same head for all' table); the main table runs each method at its own design")
@@ -234,6 +281,7 @@ class BenchConfig(_Section):
     lr_grid: list[float] = Field([3e-4, 2e-3], min_length=1,
                                  description="the same grid for every method, selected on validation (first seed)")
     studies: Optional[StudiesConfig] = StudiesConfig()
+    privacy: Optional[PrivacyStudyConfig] = Field(None, description="the privacy study; none: not run")
     out_dir: str = Field("results/bench", description="tables, plots and the cached runs (runs/)")
 
     @field_validator("methods")
@@ -255,6 +303,7 @@ class FedOpalConfig(_Section):
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     export: ExportConfig = ExportConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     site_state_dir: Optional[str] = Field(
         None, description="where each site keeps its personal state; default: <site workspace>/fedopal_site_state"
     )
@@ -271,6 +320,25 @@ class FedOpalConfig(_Section):
             raise ValueError(f"train.device '{self.train.device}' pins one GPU, but train.nproc_per_site "
                              f"{self.train.nproc_per_site} runs one process per GPU (cuda:<local rank>); "
                              "set train.device: auto or cuda")
+        p = self.privacy
+        if p.noise_multiplier > 0 and p.target_epsilon is not None:
+            raise ValueError("privacy.noise_multiplier and privacy.target_epsilon are both set; give one (the other "
+                             "follows from it)")
+        if p.enabled and self.train.method == "full_ft":
+            raise ValueError("privacy is for the adapter methods: full_ft sends BatchNorm counters (integers) that "
+                             "cannot be noised; use another train.method or switch privacy off")
+        if p.enabled and p.mode == "dpsgd":
+            # Opacus reads per-sample gradients through hooks on the LoRA nn.Linear/nn.Conv modules, which the fused
+            # forward (model.fused_adapters) bypasses: DP-SGD runs peft's own path
+            object.__setattr__(self.model, "fused_adapters", False)
+            for key, value, allowed in (("train.class_weights", self.train.class_weights, "none"),
+                                        ("train.precision", self.train.precision, "fp32"),
+                                        ("train.grad_accum_steps", self.train.grad_accum_steps, 1),
+                                        ("train.nproc_per_site", self.train.nproc_per_site, 1)):
+                if value != allowed:
+                    raise ValueError(f"privacy.mode dpsgd needs {key}: {allowed} (got {value}): per-sample clipping "
+                                     "needs an unweighted per-sample loss in one fp32 process, whose class weights "
+                                     "would come from the site's own label counts; set it, or use privacy.mode update")
         if self.data.spatial_dims == 3 and self.model.backbone != "monai_vit":
             raise ValueError(f"data.spatial_dims is 3 but model.backbone '{self.model.backbone}' is 2D-pretrained; "
                              "use backbone monai_vit (spatial_dims 3) for volumes")

@@ -19,7 +19,7 @@ import torch
 
 # (1) import nvflare client API
 import nvflare.client as flare
-from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
+from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
 from fedopal import distributed
@@ -29,6 +29,7 @@ from fedopal.data import build_datasets, read_manifest, resolve_path, site_manif
 from fedopal.device import check_precision, describe, resolve_device
 from fedopal.export import SiteExporter
 from fedopal.methods import NOTHING_SHARED_KEY, get_method
+from fedopal.privacy import DP_META_KEY
 from fedopal.site_state import SiteStore
 from fedopal.train import SiteTrainer
 from fedopal.validate import check_site
@@ -63,7 +64,13 @@ def main(argv=None) -> None:
                                                                                 cfg.data.class_names)
     model = build_model(cfg, spec, site_name=site)
     datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest, cfg.train.seed)
-    trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device, ctx)
+    if cfg.privacy.enabled and cfg.privacy.mode == "dpsgd":  # patient-level DP-SGD over every trained tensor
+        from fedopal.dpsgd import DPSGDTrainer
+
+        trainer = DPSGDTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device,
+                               privacy=cfg.privacy)
+    else:
+        trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device, ctx)
     store = SiteStore(os.path.join(resolve_path(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state")),
                                    site)) if main_rank else None
     # an aborted or earlier job of this site left its personal state
@@ -110,8 +117,9 @@ def main(argv=None) -> None:
         # (5) evaluate the personalized and the global-only model on this site's val/test split
         metrics = trainer.evaluate()
         diagnostics = trainer.diagnostics()  # dual methods: how far apart the two adapters are
-        shared = model.shared_state(cfg.federation.transfer_dtype)
-        outgoing = {**shared, **model.site_state()} if args.test_leak_personal else shared
+        # the update: what training changed in the shared tensors (a DIFF, so a DP filter can clip and noise it)
+        update = shared_update(model.shared_state(), received)
+        outgoing = {**update, **model.site_state()} if args.test_leak_personal else update
         store.save_personal(model.site_state(), round_num, spec.name, metrics)
         exporter.write(round_num, metrics, cfg.train.num_rounds)  # <site state>/export/: the usable model
         record = {"round": round_num, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
@@ -123,6 +131,13 @@ def main(argv=None) -> None:
         store.append_metrics(record)
         for tag in ("task_loss", "orth_loss", "lr_first"):
             writer.add_scalar(f"train/{tag}", train_stats[tag], global_step=round_num)
+        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: trainer.num_train_samples}
+        if "epsilon" in train_stats:  # DP-SGD: this site's privacy loss so far (update mode: the filter reports it)
+            writer.add_scalar("privacy/epsilon", train_stats["epsilon"], global_step=round_num)
+            print(f"[{site}] round {round_num}: DP-SGD epsilon {train_stats['epsilon']:.3f} at delta "
+                  f"{cfg.privacy.delta:g} (noise multiplier {train_stats['noise_multiplier']:.3f}, "
+                  f"{train_stats['dp_steps']} steps, sample rate {train_stats['sample_rate']:.4f})")
+            meta[DP_META_KEY] = [trainer.dp_record()]
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, global_step=round_num)
         for tag, value in diagnostics.items():
@@ -130,11 +145,19 @@ def main(argv=None) -> None:
         print(f"[{site}] round {round_num}: task loss {train_stats['task_loss']:.4f}, "
               f"test bal. acc. {metrics['personalized/test/balanced_accuracy']:.3f}")
 
-        # (6) send only the shared tensors (CPU, float32 or the transfer dtype), weighted by the training samples
-        flare.send(FLModel(params=outgoing, metrics=metrics,
-                           meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: trainer.num_train_samples}))
+        # (6) send only the update of the shared tensors (CPU, float32), weighted by the training samples; the job's
+        #     and the site's result filters then apply (privacy: allow-list, clip + noise; transfer quantization)
+        flare.send(FLModel(params=outgoing, params_type=ParamsType.DIFF, metrics=metrics, meta=meta))
     distributed.broadcast((STOP, None), ctx)
     distributed.shutdown(ctx)
+
+
+def shared_update(shared: dict, received: dict) -> dict:
+    """shared - received, key by key (CPU float32 tensors): the round's update of the shared tensors."""
+    missing = sorted(set(shared) - set(received))
+    if missing:
+        raise KeyError(f"the server sent no value for {len(missing)} shared tensor(s), e.g. {missing[0]}")
+    return {k: v - torch.as_tensor(received[k], dtype=v.dtype).reshape(v.shape) for k, v in shared.items()}
 
 
 def follow(trainer: SiteTrainer, ctx: distributed.DistContext) -> None:
