@@ -112,7 +112,9 @@ def test_the_admin_console_submits_watches_and_downloads_a_job(small_federation,
             assert [r["round"] for r in records[site]] == [0, 1]
         if os.environ.get("FEDOPAL_CONSOLE_TRANSCRIPT"):
             with open(os.environ["FEDOPAL_CONSOLE_TRANSCRIPT"], "w") as f:
-                f.write("".join(console.transcript).replace(job_id, "<job id>"))
+                f.write("".join(console.transcript).replace(job_id, "<job id>")
+                        .replace(os.path.realpath(deployment.prod_dir), "<startup kits>")
+                        .replace(str(deployment.prod_dir), "<startup kits>"))
     finally:
         deployment.stop()
         seen.update(poc.find_poc_processes(deployment.prod_dir))

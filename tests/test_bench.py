@@ -58,6 +58,19 @@ def test_bench_harness_end_to_end(small_federation, tmp_path, capsys):
     assert bench_main(["--config", str(config), "--workspace", str(tmp_path / "ws")]) == 0
     assert "(cached)" in capsys.readouterr().out
 
+    # --cached-only runs nothing: without fedopal_p's second seed, the row says 1 seed; without a tuning run of
+    # local, local is left out (its lr could not be chosen)
+    runs = sorted(os.listdir(out / "runs"))
+    os.remove(out / "runs" / next(p for p in runs if p.startswith("fedopal_p-s1") and "headpersonal" in p))
+    os.remove(out / "runs" / next(p for p in runs if p.startswith("local-s0")))
+    assert bench_main(["--config", str(config), "--workspace", str(tmp_path / "ws"), "--cached-only"]) == 0
+    assert "left out (tuning runs missing): local" in capsys.readouterr().out
+    assert len(os.listdir(out / "runs")) == 6
+    md = open(out / "summary.md").read()
+    assert "| local | personalized |" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| fedopal_p | personalized |"))
+    assert row.endswith("| 1 |") and " ± " not in row.split("|")[3]
+
 
 def test_the_guide_reads_the_committed_summaries(tmp_path):
     """Hand-made summary.csv: two methods, two seeds, two sites; the means and sds are easy to check by hand."""

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fedopal.config import config_from_dict, job_dict
 from fedopal.job import simulate
 from fedopal.privacy import accountant_epsilon, update_epsilon
-from fedopal.report import summarize, updates_log, write_summary
+from fedopal.report import cross_site_matrix, summarize, updates_log, write_summary
 from fedopal.site_state import read_metrics, simulation_state_root
 
 from conftest import tiny_config
@@ -80,6 +80,14 @@ def test_cross_site_matrix_has_the_global_row_and_a_personalized_diagonal(update
     assert values[1][0] is not None and values[2][1] is not None
     # the sites evaluated the final global model NVFlare sent them: their validate answers are the server's record
     assert glob.glob(os.path.join(job_ws, "server", "simulate_job", "cross_site_val", "cross_val_results.json"))
+
+
+def test_a_job_without_cross_site_evaluation_has_no_matrix(tmp_path):
+    # FLARE leaves an empty cross_val_results.json in a job that ran no cross-site evaluation (the 3D demo's)
+    folder = tmp_path / "server" / "simulate_job" / "cross_site_val"
+    folder.mkdir(parents=True)
+    (folder / "cross_val_results.json").write_text("{}")
+    assert cross_site_matrix(str(tmp_path)) is None
 
 
 def test_dpsgd_sites_account_their_subsampled_steps(small_federation, tmp_path):

@@ -172,7 +172,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
         return float("nan"), float("nan")
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan")  # one seed: no sd
 
 
 def aggregate(results: list[dict], view: str = "personalized") -> dict:
@@ -200,8 +200,13 @@ def aggregate(results: list[dict], view: str = "personalized") -> dict:
     }
 
 
+def _spread(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Twice the larger seed sd of two (mean, sd) pairs; nan when either has one seed (no sd)."""
+    return math.nan if math.isnan(a[1]) or math.isnan(b[1]) else 2 * max(a[1], b[1])
+
+
 def _pm(ms: tuple[float, float], covered: int | None = None, total: int | None = None) -> str:
-    text = "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+    text = "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f}" if math.isnan(ms[1]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
     return text if covered is None or covered == total else f"{text} ({covered}/{total} sites)"
 
 
@@ -245,7 +250,7 @@ class Bench:
 
     def main_specs(self, lrs: dict[str, float]) -> dict[str, list[RunSpec]]:
         return {m: [default_spec(self.base, m, s, lrs[m]) for s in self.base.bench.seeds]
-                for m in self.base.bench.methods}
+                for m in self.base.bench.methods if m in lrs}
 
     def study_specs(self, lrs: dict[str, float]) -> dict[str, list[tuple[str, list[RunSpec]]]]:
         """study name -> [(value label, one run per seed)]; runs equal to main-table runs are reused."""
@@ -320,26 +325,49 @@ class Bench:
         ids |= {s.run_id for rows in self.privacy_specs(lrs).values() for _, _, runs in rows for s in runs}
         return len(ids)
 
-    def execute(self) -> dict:
+    def finished(self, spec: RunSpec) -> bool:
+        return os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json"))
+
+    def execute(self, cached_only: bool = False) -> dict:
+        """Tuning, then the main table seed by seed (every method's second seed before any third: an interrupted
+        benchmark has complete seeds), then the studies. cached_only: run nothing; report the finished runs (a
+        method whose tuning is incomplete is left out, and the tables say how many seeds each row has)."""
         b = self.base.bench
         total = self.planned_total()
         print(f"Benchmark: {len(b.methods)} methods x {len(b.seeds)} seeds, lr grid {b.lr_grid}: "
-              f"{total} simulator runs (finished runs in {self.runs_dir} are reused)", flush=True)
-        for spec in self.tuning_specs():
+              f"{total} simulator runs (finished runs in {self.runs_dir} are reused)"
+              + ("; --cached-only: nothing is run" if cached_only else ""), flush=True)
+        tuning = self.tuning_specs()
+        if cached_only:
+            incomplete = {s.method for s in tuning if not self.finished(s)}
+            if incomplete:
+                print(f"left out (tuning runs missing): {', '.join(sorted(incomplete))}", flush=True)
+            tuning = [s for s in tuning if s.method not in incomplete]
+        for spec in tuning:
             score = validation_score(self.run(spec, total))
             self.tuning.setdefault(spec.method, {})[spec.lr] = score
         self.chosen_lr = {m: max(scores, key=scores.get) for m, scores in self.tuning.items()}
         seen: set[str] = set()
 
         def run(spec: RunSpec) -> dict:
-            if spec.run_id in seen or os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json")):
+            if spec.run_id in seen or self.finished(spec):
                 return self._kept(run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus))
             seen.add(spec.run_id)
             return self.run(spec, total)
 
-        main = {m: [run(s) for s in runs] for m, runs in self.main_specs(self.chosen_lr).items()}
-        studies = {name: [(label, [run(s) for s in runs]) for label, runs in values]
+        keep = self.finished if cached_only else (lambda spec: True)
+        main_specs = {m: [s for s in runs if keep(s)] for m, runs in self.main_specs(self.chosen_lr).items()}
+        by_id = {}
+        for seed in b.seeds:  # seed-major
+            for runs in main_specs.values():
+                for s in runs:
+                    if s.seed == seed:
+                        by_id[s.run_id] = run(s)
+        main = {m: [by_id[s.run_id] for s in runs] for m, runs in main_specs.items()}
+        studies = {name: [(label, [run(s) for s in runs if keep(s)]) for label, runs in values]
                    for name, values in self.study_specs(self.chosen_lr).items()}
+        studies = {name: [(label, rs) for label, rs in values if rs] for name, values in studies.items()}
+        studies = {name: values for name, values in studies.items() if values}
         st = self.base.bench.studies
         if st is not None and 0.0 not in st.orth_lambda and "dual_lora" in main:
             # lambda = 0 is dual_lora: its main-table runs (at its own tuned lr) stand in for that row
@@ -348,7 +376,7 @@ class Bench:
             for name in studies:
                 if name.endswith(": lambda"):
                     studies[name].insert(0, ("0 (dual_lora)", zero))
-        privacy = self.run_privacy_study(self.chosen_lr)
+        privacy = self.run_privacy_study(self.chosen_lr, cached_only)
         return {"main": main, "studies": studies, "privacy": privacy}
 
 
@@ -374,7 +402,7 @@ def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
              "best-validation round. *worst site*: the lowest site, per seed, averaged. Bytes: what the server "
              "received from one site per round.", "",
              "| method | eval | bal. acc. | worst site | accuracy | AUC | bytes / round | trainable params "
-             "| wall s / run | lr |", "|" + "---|" * 10]
+             "| wall s / run | lr | seeds |", "|" + "---|" * 11]
     for method, results in main.items():
         for view in EVALS:
             agg = aggregate(results, view)
@@ -383,7 +411,8 @@ def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
             lines.append(f"| {method} | {view.replace('_', '-')} | "
                          f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
                          f"{_pm(agg['accuracy'])} | {_pm(agg['auc'], agg['auc_sites'], agg['total_sites'])} | {agg['bytes_per_round']:,.0f} | "
-                         f"{agg['trainable_params']:,} | {agg['wall_s']:.0f} | {bench.chosen_lr[method]:g} |")
+                         f"{agg['trainable_params']:,} | {agg['wall_s']:.0f} | {bench.chosen_lr[method]:g} | "
+                         f"{agg['n_seeds']} |")
     lines += ["", "Learning rate chosen per method on the first seed's validation balanced accuracy "
               "(site mean of the best round):", "", "| method | " + " | ".join(
                   f"lr {lr:g}" for lr in bench.base.bench.lr_grid) + " | chosen |",
@@ -391,8 +420,17 @@ def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
     for method, scores in bench.tuning.items():
         lines.append(f"| {method} | " + " | ".join(f"{scores[lr]:.3f}" for lr in bench.base.bench.lr_grid)
                      + f" | {bench.chosen_lr[method]:g} |")
-    lines += ["", diagnostics_markdown(main), "", reading(main)]
+    lines += ["", rounds_line(main, bench.base.train.num_rounds), "", diagnostics_markdown(main), "", reading(main)]
     return "\n".join(lines)
+
+
+def rounds_line(main: dict[str, list[dict]], num_rounds: int) -> str:
+    """Whether the run was long enough: how often the best-validation round is the last one."""
+    best = [int(row["best_round"]) for results in main.values() for r in results
+            for row in site_results(r, "personalized")]
+    last = sum(b == num_rounds for b in best)
+    return (f"Rounds: {num_rounds}. The best-validation round is the last one for {last} of {len(best)} site runs "
+            f"({100 * last / max(len(best), 1):.0f} %); mean best round {statistics.fmean(best) if best else math.nan:.1f}.")
 
 
 def diagnostics_markdown(main: dict[str, list[dict]]) -> str:
@@ -417,15 +455,15 @@ def diagnostics_markdown(main: dict[str, list[dict]]) -> str:
 
 def _diff_line(name_a: str, a: dict, name_b: str, b: dict) -> str:
     diff = a["bacc"][0] - b["bacc"][0]
-    spread = 2 * max(a["bacc"][1], b["bacc"][1])
+    spread = _spread(a["bacc"], b["bacc"])
     if min(a["n_seeds"], b["n_seeds"]) < 2:
         verdict = "one seed, so no spread to judge it by: not a finding"
     elif abs(diff) > spread:
         verdict = "a real difference"
     else:
         verdict = "no difference (within twice the spread across seeds)"
-    return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy (twice the larger sd: {spread:.3f}): "
-            f"{verdict}. Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
+    return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy"
+            + ("" if math.isnan(spread) else f" (twice the larger sd: {spread:.3f})") + f": {verdict}. Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
 
 
 def reading(main: dict[str, list[dict]]) -> str:
@@ -637,14 +675,15 @@ def guide_markdown(folders: list[str]) -> str:
                 cells.append("—" if other == ours else "n/a")
                 continue
             diff = scores[ours]["bacc"][0] - scores[other]["bacc"][0]
-            spread = 2 * max(scores[ours]["bacc"][1], scores[other]["bacc"][1])
+            spread = _spread(scores[ours]["bacc"], scores[other]["bacc"])
             n = min(scores[ours]["n_seeds"], scores[other]["n_seeds"])
-            cells.append(f"{diff:+.3f} (2 sd {spread:.3f}{'' if abs(diff) <= spread or n < 2 else ', real'})")
+            cells.append(f"{diff:+.3f} (one seed)" if n < 2 else
+                         f"{diff:+.3f} (2 sd {spread:.3f}{'' if abs(diff) <= spread else ', real'})")
         lines.append(f"| {name} | {best} {_pm(scores[best]['bacc'])} | {ours}: {ranked.index(ours) + 1} of "
                      f"{len(ranked)}, {_pm(scores[ours]['bacc'])} | " + " | ".join(cells) +
                      f" | {scores[best]['worst'][0]:.3f} / {scores[ours]['worst'][0]:.3f} |")
         diff = scores[ours]["bacc"][0] - scores[best]["bacc"][0]
-        spread = 2 * max(scores[ours]["bacc"][1], scores[best]["bacc"][1])
+        spread = _spread(scores[ours]["bacc"], scores[best]["bacc"])
         verdict = _verdict(diff, spread, min(scores[ours]["n_seeds"], scores[best]["n_seeds"]))
         readings.append(f"- **{name}**: {best} leads ({scores[best]['bacc'][0]:.3f}); the best FedOPAL variant, "
                         f"{ours}, is {ranked.index(ours) + 1} of {len(ranked)} "
@@ -690,8 +729,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="--guide: also write the table to this markdown file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--gpus", default=None, metavar="IDS", help="GPUs for the simulated sites, as fedopal.job --gpus")
-    p.add_argument("--cached-only", action="store_true", help="with --only privacy: write the tables from the runs "
-                                                               "already finished, run nothing")
+    p.add_argument("--cached-only", action="store_true",
+                   help="write the tables from the runs already finished, run nothing (a method whose tuning is "
+                        "incomplete is left out; each row says its number of seeds)")
     p.add_argument("--only", choices=["privacy", "quantization"],
                    help="run only that study, with the learning rates of <out>/chosen.json (else the grid's first)")
     args = p.parse_args(argv)
@@ -729,7 +769,7 @@ def main(argv=None) -> int:
     if args.only:
         return run_only(bench, args.only, args.cached_only)
     start = time.time()
-    results = bench.execute()
+    results = bench.execute(args.cached_only)
     wall = time.time() - start
     title = (f"{cfg.name}: {len(cfg.bench.methods)} methods, seeds {cfg.bench.seeds}, {cfg.train.num_rounds} rounds, "
              f"{cfg.model.backbone} at {cfg.data.image_size}, {cfg.federation.num_sites} sites")

@@ -112,7 +112,8 @@ MAKERS = {"docs/results/demo": "make demo", "docs/results/demo_3d": "make demo-3
 def _read(path: str) -> str:
     full = os.path.join(REPO, path)
     if not os.path.isfile(full):
-        maker = next((m for prefix, m in MAKERS.items() if path.startswith(prefix)), "its command")
+        maker = max(((len(prefix), m) for prefix, m in MAKERS.items() if path.startswith(prefix)),
+                    default=(0, "its command"))[1]  # the longest prefix: docs/results/demo_3d is not the demo
         return f"*Not measured yet: `{maker}`, then `make docs`, writes `{path}`.*"
     with open(full) as f:
         return f.read().strip()

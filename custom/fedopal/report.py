@@ -69,6 +69,8 @@ def cross_site_matrix(job_ws: str, metric: str = "balanced_accuracy", model: str
         return None
     with open(path) as f:
         results = json.load(f)
+    if not results:  # FLARE leaves an empty results file in jobs that ran no cross-site evaluation
+        return None
     sites = sorted(results)
     rows = ["global"] + sites
 
