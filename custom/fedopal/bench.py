@@ -357,17 +357,14 @@ class Bench:
 
         keep = self.finished if cached_only else (lambda spec: True)
         main_specs = {m: [s for s in runs if keep(s)] for m, runs in self.main_specs(self.chosen_lr).items()}
-        by_id = {}
-        for seed in b.seeds:  # seed-major
-            for runs in main_specs.values():
-                for s in runs:
-                    if s.seed == seed:
-                        by_id[s.run_id] = run(s)
+        seed_major = sorted((s for runs in main_specs.values() for s in runs), key=lambda s: s.seed)  # stable sort
+        by_id = {s.run_id: run(s) for s in seed_major}
         main = {m: [by_id[s.run_id] for s in runs] for m, runs in main_specs.items()}
-        studies = {name: [(label, [run(s) for s in runs if keep(s)]) for label, runs in values]
-                   for name, values in self.study_specs(self.chosen_lr).items()}
-        studies = {name: [(label, rs) for label, rs in values if rs] for name, values in studies.items()}
-        studies = {name: values for name, values in studies.items() if values}
+        studies = {}
+        for name, values in self.study_specs(self.chosen_lr).items():
+            rows = [(label, [run(s) for s in runs if keep(s)]) for label, runs in values]
+            if rows := [(label, results) for label, results in rows if results]:  # cached_only: rows with runs
+                studies[name] = rows
         st = self.base.bench.studies
         if st is not None and 0.0 not in st.orth_lambda and "dual_lora" in main:
             # lambda = 0 is dual_lora: its main-table runs (at its own tuned lr) stand in for that row
@@ -429,8 +426,9 @@ def rounds_line(main: dict[str, list[dict]], num_rounds: int) -> str:
     best = [int(row["best_round"]) for results in main.values() for r in results
             for row in site_results(r, "personalized")]
     last = sum(b == num_rounds for b in best)
+    mean_best = statistics.fmean(best) if best else math.nan
     return (f"Rounds: {num_rounds}. The best-validation round is the last one for {last} of {len(best)} site runs "
-            f"({100 * last / max(len(best), 1):.0f} %); mean best round {statistics.fmean(best) if best else math.nan:.1f}.")
+            f"({100 * last / max(len(best), 1):.0f} %); mean best round {mean_best:.1f}.")
 
 
 def diagnostics_markdown(main: dict[str, list[dict]]) -> str:
@@ -462,8 +460,9 @@ def _diff_line(name_a: str, a: dict, name_b: str, b: dict) -> str:
         verdict = "a real difference"
     else:
         verdict = "no difference (within twice the spread across seeds)"
-    return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy"
-            + ("" if math.isnan(spread) else f" (twice the larger sd: {spread:.3f})") + f": {verdict}. Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
+    sd_text = "" if math.isnan(spread) else f" (twice the larger sd: {spread:.3f})"
+    return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy{sd_text}: {verdict}. "
+            f"Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
 
 
 def reading(main: dict[str, list[dict]]) -> str:
