@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +99,43 @@ def test_channel_mismatch_without_repeat_is_an_error():
     cfg = config_from_dict({"data": {"in_channels": 1, "channel_adapt": "error"}})
     with pytest.raises(DataError, match="channel"):
         build_transforms(cfg.data, 3, IMAGENET, train=False)
+
+
+@pytest.mark.parametrize("source,data_channels,model_channels", [
+    ("retinamnist.npz", 3, 3),    # RGB files, RGB backbone: no channel adapting
+    ("pneumoniamnist.npz", 1, 1),  # grayscale files, 1-channel backbone (the MONAI ViTs)
+    ("pneumoniamnist.npz", 1, 3),  # grayscale files repeated to RGB (EfficientNet)
+])
+def test_reading_the_training_split_never_changes_it(tmp_path, source, data_channels, model_channels):
+    """Pass after pass (a new augmentation seed each, as the trainer sets them) every training image stays within
+    its reference: the PNG read by PIL, scaled to [0, 1] and normalized once in float64. Augmentation (RandAffine:
+    bilinear, border padding) only mixes neighbouring pixels, so no value may leave the reference's range, and an
+    image the augmentation left alone equals its reference. Regression: the cached tensors were normalized again
+    on every pass where RandAffine did not fire (x 4.4 per pass with the ImageNet statistics)."""
+    images = np.load(os.path.join(os.path.dirname(NPZ), source))["train_images"][:10]
+    rows = []
+    for i, array in enumerate(images):
+        Image.fromarray(array).save(tmp_path / f"{i}.png")
+        rows.append((f"{i}.png", i % 2, "train" if i < 8 else ("val", "test")[i - 8]))
+    arrays = images[:8]
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "split"), *rows])
+    cfg = config_from_dict({"data": {"image_size": 28, "in_channels": data_channels}})
+    samples = read_manifest(str(tmp_path / "manifest.csv"), 2)
+    train = build_datasets(cfg.data, samples, model_in_channels=model_channels, normalization=IMAGENET)["train"]
+    mean, std = (np.array(v[:model_channels], np.float64).reshape(-1, 1, 1) for v in IMAGENET)
+    refs = []
+    for array in arrays:
+        x = np.asarray(array, np.float64) / 255.0
+        x = x.transpose(2, 0, 1) if x.ndim == 3 else np.repeat(x[None], model_channels, axis=0)
+        refs.append((x - mean) / std)
+    untouched = 0
+    for augment_seed in range(4):
+        train.augment_seed = augment_seed
+        for i, ref in enumerate(refs):
+            image = train[i]["image"].numpy().astype(np.float64)
+            assert np.array_equal(image, train[i]["image"].numpy()), "same seed, same image"
+            low, high = ref.min(axis=(1, 2), keepdims=True), ref.max(axis=(1, 2), keepdims=True)
+            assert (image >= low - 1e-4).all() and (image <= high + 1e-4).all(), (augment_seed, i)
+            untouched += bool(np.allclose(image, ref, atol=1e-4))
+    assert untouched >= 6  # RandAffine fires with p = 0.5: about half of the 32 reads leave the image as it was
