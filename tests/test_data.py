@@ -102,9 +102,9 @@ def test_channel_mismatch_without_repeat_is_an_error():
 
 
 @pytest.mark.parametrize("source,data_channels,model_channels", [
-    ("retinamnist.npz", 3, 3),    # RGB files, RGB backbone: no channel adapting
-    ("pneumoniamnist.npz", 1, 1),  # grayscale files, 1-channel backbone (the MONAI ViTs)
-    ("pneumoniamnist.npz", 1, 3),  # grayscale files repeated to RGB (EfficientNet)
+    ("retinamnist.npz", 3, 3),    # RGB files, RGB backbone (EfficientNet, HF ViT/DINOv2): the case that drifted
+    ("pneumoniamnist.npz", 1, 1),  # grayscale files, a normalized 1-channel backbone: drifted too
+    ("pneumoniamnist.npz", 1, 3),  # grayscale files repeated to RGB: the repeat made a copy, never drifted
 ])
 def test_reading_the_training_split_never_changes_it(tmp_path, source, data_channels, model_channels):
     """Pass after pass (a new augmentation seed each, as the trainer sets them) every training image stays within
