@@ -71,6 +71,14 @@ def test_bench_harness_end_to_end(small_federation, tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| fedopal_p | personalized |"))
     assert row.endswith("| 1 |") and " ± " not in row.split("|")[3]
 
+    # with no usable run it says so in one line and leaves the tables that are there alone
+    for name in os.listdir(out / "runs"):
+        os.rename(out / "runs" / name, tmp_path / name)
+    assert bench_main(["--config", str(config), "--workspace", str(tmp_path / "ws"), "--cached-only"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds no finished run" in err and "Fix:" in err and "\n" not in err
+    assert open(out / "summary.md").read() == md
+
 
 def test_the_guide_reads_the_committed_summaries(tmp_path):
     """Hand-made summary.csv: two methods, two seeds, two sites; the means and sds are easy to check by hand."""

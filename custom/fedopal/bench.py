@@ -770,6 +770,11 @@ def main(argv=None) -> int:
     start = time.time()
     results = bench.execute(args.cached_only)
     wall = time.time() - start
+    if not results["main"]:  # before anything is written: the committed tables stay as they are
+        print(f"error: {bench.runs_dir} holds no finished run these settings can use (--cached-only runs nothing). "
+              "Fix: run without --cached-only, or point bench.out_dir at the folder whose runs/ holds them.",
+              file=sys.stderr)
+        return 1
     title = (f"{cfg.name}: {len(cfg.bench.methods)} methods, seeds {cfg.bench.seeds}, {cfg.train.num_rounds} rounds, "
              f"{cfg.model.backbone} at {cfg.data.image_size}, {cfg.federation.num_sites} sites")
     write_csv(results["main"], os.path.join(out_dir, "summary.csv"))
