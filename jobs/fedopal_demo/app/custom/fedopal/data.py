@@ -262,9 +262,11 @@ def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, norm
         transform = build_transforms(data_cfg, model_in_channels, normalization, train=split == "train",
                                      family=family)
         transform.set_random_state(seed=seed)
-        try:
+        try:  # copy_cache (MONAI's default) must stay on: the steps after the first random one may write into
+            # their input (NormalizeIntensity does, channel-wise), and when RandAffine does not fire, or the channels
+            # need no adapting, that input is the cached tensor itself: each pass would normalize it once more.
             datasets[split] = SeededCacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
-                                                 progress=False, copy_cache=False)
+                                                 progress=False, copy_cache=True)
         except DataError:  # the pipeline's own one line names the file
             raise
         except Exception as err:  # MONAI wraps reader errors; name the file for the user
