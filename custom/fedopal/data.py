@@ -263,7 +263,7 @@ def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, norm
                                      family=family)
         transform.set_random_state(seed=seed)
         try:  # copy_cache (MONAI's default) must stay on: the steps after the first random one may write into
-            # their input (NormalizeIntensity does, channel-wise), and when RandAffine does not fire, or the channels
+            # their input (NormalizeIntensity does, channel-wise), and when RandAffine does not fire and the channels
             # need no adapting, that input is the cached tensor itself: each pass would normalize it once more.
             datasets[split] = SeededCacheDataset(items, transform, cache_rate=data_cfg.cache_rate, num_workers=0,
                                                  progress=False, copy_cache=True)
