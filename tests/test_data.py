@@ -117,7 +117,6 @@ def test_reading_the_training_split_never_changes_it(tmp_path, source, data_chan
     for i, array in enumerate(images):
         Image.fromarray(array).save(tmp_path / f"{i}.png")
         rows.append((f"{i}.png", i % 2, "train" if i < 8 else ("val", "test")[i - 8]))
-    arrays = images[:8]
     with open(tmp_path / "manifest.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "split"), *rows])
     cfg = config_from_dict({"data": {"image_size": 28, "in_channels": data_channels}})
@@ -125,7 +124,7 @@ def test_reading_the_training_split_never_changes_it(tmp_path, source, data_chan
     train = build_datasets(cfg.data, samples, model_in_channels=model_channels, normalization=IMAGENET)["train"]
     mean, std = (np.array(v[:model_channels], np.float64).reshape(-1, 1, 1) for v in IMAGENET)
     refs = []
-    for array in arrays:
+    for array in images[:8]:  # the training split
         x = np.asarray(array, np.float64) / 255.0
         x = x.transpose(2, 0, 1) if x.ndim == 3 else np.repeat(x[None], model_channels, axis=0)
         refs.append((x - mean) / std)
