@@ -4,15 +4,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+FEDOPAL := $(VENV)/bin/fedopal
 # The torch build to install. The default takes the CPU wheel on disk here, and on a Linux machine with the package
 # index PyPI's torch 2.13.0 (a CUDA 12.x build). Another build, e.g. CUDA 12.6 from PyTorch's own index:
 #   make venv TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 TORCH ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell (cat requirements.txt; echo '$(TORCH)') | sha1sum | cut -c1-12)
-export PYTHONPATH := $(CURDIR)/custom
+STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
+.PHONY: .venv venv wheel demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc clean
 
@@ -25,35 +25,38 @@ PIP_FROM := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)),
 
 # Idempotent: reinstalls only when requirements.txt changes. torch goes first so that the CPU wheel
 # on disk satisfies every later `torch` requirement (a bare `torch` would pull a multi-GB CUDA build).
-$(STAMP): requirements.txt
+# The fedopal package itself goes in last, editable (custom/fedopal is what runs), with no dependency of its own to
+# resolve: the pins above are its dependencies. Then `fedopal` and `python -m fedopal.*` work from any folder.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet $(PIP_FROM) --upgrade pip
 	$(PIP) install --quiet $(PIP_FROM) $(TORCH)
 	$(PIP) install --quiet $(PIP_FROM) -r requirements.txt
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	$(PIP) check
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-data/demo_federation/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/pneumoniamnist.npz
-	$(PY) -m fedopal.prepare --npz data/medmnist/pneumoniamnist.npz --out data/demo_federation --sites 4 --seed 0
+data/demo_federation/federation.json: $(STAMP) custom/fedopal/tools/prepare.py data/medmnist/pneumoniamnist.npz
+	$(FEDOPAL) prepare --npz data/medmnist/pneumoniamnist.npz --out data/demo_federation --sites 4 --seed 0
 
 prepare: data/demo_federation/federation.json
 
 # 3D: AdrenalMNIST3D as NIfTI volumes, at 28^3 and 64^3 (same samples, same sites)
 FED3D_ARGS := --sites 4 --seed 0 --skew-prior global --alpha 2 --train-per-site 100 --val-per-site 30 --test-per-site 64
-data/demo_federation_3d/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/adrenalmnist3d.npz
-	$(PY) -m fedopal.prepare --npz data/medmnist/adrenalmnist3d.npz --out data/demo_federation_3d $(FED3D_ARGS)
+data/demo_federation_3d/federation.json: $(STAMP) custom/fedopal/tools/prepare.py data/medmnist/adrenalmnist3d.npz
+	$(FEDOPAL) prepare --npz data/medmnist/adrenalmnist3d.npz --out data/demo_federation_3d $(FED3D_ARGS)
 
-data/demo_federation_3d_64/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/adrenalmnist3d_64.npz
-	$(PY) -m fedopal.prepare --npz data/medmnist/adrenalmnist3d_64.npz --out data/demo_federation_3d_64 $(FED3D_ARGS)
+data/demo_federation_3d_64/federation.json: $(STAMP) custom/fedopal/tools/prepare.py data/medmnist/adrenalmnist3d_64.npz
+	$(FEDOPAL) prepare --npz data/medmnist/adrenalmnist3d_64.npz --out data/demo_federation_3d_64 $(FED3D_ARGS)
 
 prepare-3d: data/demo_federation_3d/federation.json data/demo_federation_3d_64/federation.json
 
 demo: prepare
-	$(PY) -m fedopal.job --config app_configs/demo.yaml --simulate --workspace workspace --results results/demo
+	$(FEDOPAL) job --config app_configs/demo.yaml --simulate --workspace workspace --results results/demo
 
 demo-3d: prepare-3d
-	$(PY) -m fedopal.job --config app_configs/demo_3d.yaml --simulate --workspace workspace --results results/demo_3d
+	$(FEDOPAL) job --config app_configs/demo_3d.yaml --simulate --workspace workspace --results results/demo_3d
 
 # A real FLARE deployment on this machine (POC): prepare, start, submit jobs/fedopal_demo with the FLARE API,
 # wait, download, per-site table, stop (always, even after a failure). Kept in workspace/poc/, on a free port.
@@ -62,12 +65,12 @@ poc: prepare
 
 # The benchmark federations of "Which method for my consortium?" (README): concept shift (RetinaMNIST, a different
 # referral threshold per site) and small sites (BreastMNIST 64x64); the third is the demo federation.
-data/bench_retina/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/retinamnist.npz
-	$(PY) -m fedopal.prepare --npz data/medmnist/retinamnist.npz --out data/bench_retina --sites 4 --seed 0 \
+data/bench_retina/federation.json: $(STAMP) custom/fedopal/tools/prepare.py data/medmnist/retinamnist.npz
+	$(FEDOPAL) prepare --npz data/medmnist/retinamnist.npz --out data/bench_retina --sites 4 --seed 0 \
 		--thresholds 1 2 3 2 --no-shifts --alpha 100 --train-per-site 160 --val-per-site 40 --test-per-site 80 \
 		--min-test-per-class 30 --min-val-per-class 10
-data/bench_breast/federation.json: $(STAMP) custom/fedopal/prepare.py data/medmnist/breastmnist_64.npz
-	$(PY) -m fedopal.prepare --npz data/medmnist/breastmnist_64.npz --out data/bench_breast --sites 4 --seed 0 \
+data/bench_breast/federation.json: $(STAMP) custom/fedopal/tools/prepare.py data/medmnist/breastmnist_64.npz
+	$(FEDOPAL) prepare --npz data/medmnist/breastmnist_64.npz --out data/bench_breast --sites 4 --seed 0 \
 		--alpha 5 --skew-prior global --train-per-site 100 --val-per-site 24 --test-per-site 56 \
 		--min-test-per-class 15 --min-val-per-class 5
 prepare-bench: prepare data/bench_retina/federation.json data/bench_breast/federation.json
@@ -77,27 +80,36 @@ prepare-bench: prepare data/bench_retina/federation.json data/bench_breast/feder
 # Then the guide across the three. bench-dev: the earlier 32x32 benchmark on the demo federation (README Results).
 BENCH_FEDERATIONS := pneumonia retina breast
 bench: prepare-bench
-	for fed in $(BENCH_FEDERATIONS); do $(PY) -m fedopal.bench --config app_configs/bench_$$fed.yaml || exit 1; done
-	$(PY) -m fedopal.bench --guide $(addprefix docs/bench/,$(BENCH_FEDERATIONS)) --out docs/bench/guide.md
+	for fed in $(BENCH_FEDERATIONS); do $(FEDOPAL) bench --config app_configs/bench_$$fed.yaml || exit 1; done
+	$(FEDOPAL) bench --guide $(addprefix docs/bench/,$(BENCH_FEDERATIONS)) --out docs/bench/guide.md
 
 bench-dev: prepare
-	$(PY) -m fedopal.bench --config app_configs/bench.yaml
+	$(FEDOPAL) bench --config app_configs/bench.yaml
 
 bench-quick: prepare
-	$(PY) -m fedopal.bench --config app_configs/bench.yaml --quick
+	$(FEDOPAL) bench --config app_configs/bench.yaml --quick
 
 bench-3d: prepare-3d
-	$(PY) -m fedopal.bench --config app_configs/bench_3d.yaml
+	$(FEDOPAL) bench --config app_configs/bench_3d.yaml
 
 # what FLARE adds on top of the compute (README "Performance")
 perf: prepare
-	$(PY) -m fedopal.perf --config app_configs/demo.yaml
+	$(FEDOPAL) perf --config app_configs/demo.yaml
+
+# The runtime wheel a hospital installs (docs/deploy.md): dist/fedopal-<version>-py3-none-any.whl, its pins as
+# its dependencies. Built from this checkout with the venv's setuptools (no download).
+wheel: $(STAMP)
+	rm -rf dist build custom/*.egg-info
+	$(PIP) wheel --quiet --no-deps --no-build-isolation -w dist .
+	rm -rf build custom/*.egg-info
+	@ls dist/*.whl
 
 # Every wheel the pinned install needs (torch's build by TORCH, as for venv; pip itself too), into WHEELHOUSE_DIR;
 # the list of files is kept in wheelhouse.txt, which a test holds against requirements.txt.
 WHEELHOUSE_DIR ?= wheelhouse
-wheelhouse:
+wheelhouse: wheel
 	python3 -m pip download -q -d $(WHEELHOUSE_DIR) pip $(TORCH) -r requirements.txt
+	cp dist/fedopal-*.whl $(WHEELHOUSE_DIR)/
 	# a source-only package (pyhocon) becomes a wheel here: offline, pip could not fetch what building it needs
 	for sdist in $(WHEELHOUSE_DIR)/*.tar.gz; do [ -e "$$sdist" ] || continue; \
 		python3 -m pip wheel -q --no-deps -w $(WHEELHOUSE_DIR) "$$sdist" && rm "$$sdist"; done
@@ -111,9 +123,9 @@ GPU_SITE := /tmp/fedopal-site
 gpu-check:
 	@if [ -d .whl ]; then \
 		python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl && \
-		PYTHONPATH=$(GPU_SITE):$(CURDIR)/custom python3 -u -m fedopal.gpucheck $(GPU_CHECK_ARGS); \
+		PYTHONPATH=$(GPU_SITE):$(CURDIR)/custom python3 -u -m fedopal.tools.gpucheck $(GPU_CHECK_ARGS); \
 	else \
-		$(MAKE) venv && $(PY) -u -m fedopal.gpucheck $(GPU_CHECK_ARGS); \
+		$(MAKE) venv && $(PY) -u -m fedopal.tools.gpucheck $(GPU_CHECK_ARGS); \
 	fi
 
 # The wheels a CUDA machine with Python 3.12 and torch (but no network) lacks to run gpu-check: the pins below are
@@ -138,11 +150,11 @@ LATEJOIN_GLOBAL := $(LATEJOIN_WS)/fedopal_latejoin/server/simulate_job/app_serve
 LATEJOIN_SET := --set model.head=shared --set train.class_weights=none
 LATEJOIN_ARGS := --config app_configs/demo.yaml $(LATEJOIN_SET) --global-model $(LATEJOIN_GLOBAL) --site-dir $(LATEJOIN_WS)/federation/site-5 --seeds 0 1 2
 latejoin: $(STAMP)
-	$(PY) -m fedopal.prepare --npz data/medmnist/pneumoniamnist.npz --out $(LATEJOIN_WS)/federation --sites 5 --seed 0
-	$(PY) -m fedopal.job --config app_configs/demo.yaml $(LATEJOIN_SET) --simulate --workspace $(LATEJOIN_WS) --set name=fedopal_latejoin \
+	$(FEDOPAL) prepare --npz data/medmnist/pneumoniamnist.npz --out $(LATEJOIN_WS)/federation --sites 5 --seed 0
+	$(FEDOPAL) job --config app_configs/demo.yaml $(LATEJOIN_SET) --simulate --workspace $(LATEJOIN_WS) --set name=fedopal_latejoin \
 		--set data.root=$(LATEJOIN_WS)/federation --set federation.num_sites=4 --results results/latejoin/federation
-	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --out results/latejoin
-	$(PY) -m fedopal.latejoin --compare $(LATEJOIN_ARGS) --train-limit 40 --out results/latejoin/small_site
+	$(FEDOPAL) latejoin --compare $(LATEJOIN_ARGS) --out results/latejoin
+	$(FEDOPAL) latejoin --compare $(LATEJOIN_ARGS) --train-limit 40 --out results/latejoin/small_site
 
 # The docs that cannot go stale: copy the latest local results (make demo, demo-3d, poc, latejoin, perf,
 # console-transcript) into docs/results and docs/perf, then regenerate the README's tables and docs/configuration.md.
@@ -157,7 +169,7 @@ docs: $(STAMP)
 		cp results/latejoin/small_site/compare.md docs/results/latejoin/small_site/)
 	[ ! -f results/console_transcript.txt ] || cp results/console_transcript.txt docs/results/
 	[ ! -f results/perf/summary.json ] || cp results/perf/summary.json docs/perf/summary.json
-	$(PY) -m fedopal.docs
+	$(FEDOPAL) docs
 
 # the admin console session of README "Deploy to a consortium", from the test that drives it
 console-transcript: prepare
@@ -166,8 +178,8 @@ console-transcript: prepare
 
 # regenerate every committed job folder (tests/test_jobs.py fails on drift)
 export: $(STAMP)
-	$(PY) -m fedopal.job --config app_configs/demo.yaml --export jobs
-	$(PY) -m fedopal.job --config app_configs/demo_3d.yaml --export jobs
+	$(FEDOPAL) job --config app_configs/demo.yaml --export jobs
+	$(FEDOPAL) job --config app_configs/demo_3d.yaml --export jobs
 
 test: prepare
 	$(PY) -m pytest -q tests
@@ -176,4 +188,4 @@ test-fast: prepare
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf workspace results .whl data/demo_federation data/demo_federation_3d data/demo_federation_3d_64
+	rm -rf workspace results .whl dist data/demo_federation data/demo_federation_3d data/demo_federation_3d_64

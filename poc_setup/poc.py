@@ -37,18 +37,11 @@ import psutil
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "custom"))  # fedopal's report and progress lines
 
 SETUP_DIR = os.path.join(REPO, "poc_setup")
 CONSORTIUM_PROJECT = os.path.join(SETUP_DIR, "project.yml")
 SITE_PRIVACY = os.path.join(SETUP_DIR, "site_privacy.json")  # only the global adapter leaves
 SITE_PRIVACY_DP = os.path.join(SETUP_DIR, "site_privacy_dp.json")  # the same, clipped and noised (an example)
-# The site's policy code is the job's own filter and privacy modules, copied as a package of its own name
-# (fedopal_site): a site must not depend on (or be shadowed by) the `fedopal` package a job ships. filters.py,
-# methods.py and privacy.py import nothing from fedopal (filters.py imports methods relatively).
-SITE_POLICY_SOURCES = [os.path.join(REPO, "custom", "fedopal", name) for name in ("filters.py", "methods.py",
-                                                                                  "privacy.py")]
-SITE_POLICY_PACKAGE = "fedopal_site"
 DEFAULT_ROOT = os.path.join(REPO, "workspace", "poc")
 STATE_FILE = "fedopal_poc.json"
 POC_SERVER_NAME = "server"
@@ -97,19 +90,15 @@ def poc_project(consortium: dict, sites: list[str], port: int) -> dict:
 
 def install_site_policy(site_dir: str, policy: str | None = None) -> None:
     """Site-enforced privacy for one site's startup kit (POC or provisioned): local/privacy.json (the shipped
-    site_privacy.json, or `policy`) selects the filters for scope `fedopal` (and makes it the default scope);
-    local/custom/fedopal_site/ holds their code."""
-    local = os.path.join(site_dir, "local")
-    if not os.path.isdir(local):
-        raise PocError(f"{site_dir}: no local/ folder, so this is not a site's startup kit. "
-                       f"Fix: give the folder that holds startup/ and local/.")
-    package = os.path.join(local, "custom", SITE_POLICY_PACKAGE)
-    os.makedirs(package, exist_ok=True)
-    with open(os.path.join(package, "__init__.py"), "w") as f:
-        f.write('"""FedOPAL\'s site policy filters (installed by poc_setup/poc.py install-site-policy)."""\n')
-    for source in SITE_POLICY_SOURCES:
-        shutil.copyfile(source, os.path.join(package, os.path.basename(source)))
-    shutil.copyfile(policy or SITE_PRIVACY, os.path.join(local, "privacy.json"))
+    site_privacy.json, or `policy`) selects the filters for scope `fedopal` (and makes it the default scope). Their
+    code is the installed fedopal runtime (fedopal.policy), not a copy."""
+    from fedopal.policy.install import PolicyInstallError
+    from fedopal.policy.install import install_site_policy as install
+
+    try:
+        install(site_dir, policy or SITE_PRIVACY)
+    except PolicyInstallError as err:
+        raise PocError(str(err)) from None
 
 
 def find_poc_processes(prod_dir: str) -> dict[int, float]:
@@ -323,7 +312,7 @@ class Poc:
     def report(self, job_folder: str, wall_s: float) -> str:
         """Per-site table from the sites' metrics logs (in POC every site's folder is on this machine; they
         accumulate over jobs, so run one job per prepared POC, as `run` does)."""
-        from fedopal.report import summarize
+        from fedopal.tools.report import summarize
 
         return summarize(self.prod_dir, job_config(job_folder), wall_s)["markdown"]
 
@@ -331,11 +320,11 @@ class Poc:
 def job_config(job_folder: str):
     """The FedOPAL config a job folder ships (its app's custom/fedopal_job.json)."""
     from fedopal.config import load_config
-    from fedopal.job import JOB_CONFIG_NAME
+    from fedopal.tools.job import JOB_CONFIG_NAME
 
     configs = glob.glob(os.path.join(job_folder, "*", "custom", JOB_CONFIG_NAME))
     if not configs:
-        raise PocError(f"{job_folder}: no */custom/{JOB_CONFIG_NAME}. Fix: give a job exported by fedopal.job.")
+        raise PocError(f"{job_folder}: no */custom/{JOB_CONFIG_NAME}. Fix: give a job exported by fedopal.tools.job.")
     return load_config(configs[0])
 
 
@@ -351,7 +340,7 @@ def _wait_until_gone(pids: dict[int, float], prod_dir: str, timeout_s: float) ->
 
 def cli_env(workspace: str, home: str) -> dict:
     """FLARE's CLI and services: scratch HOME and POC workspace, this venv's python3 first on PATH (start.sh
-    runs `python3`), and no PYTHONPATH, so sites import only what a job ships and their local/custom."""
+    runs `python3`), and no PYTHONPATH: sites import the installed runtime and what a job ships (first)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HOME=home, NVFLARE_POC_WORKSPACE=workspace,
                PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]))
@@ -381,7 +370,7 @@ def start_args(timeout_s: int, gpus: list[int] | None) -> list[str]:
 def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: str, timeout_s: float,
         gpus: list[int] | None = None) -> int:
     """prepare -> start -> submit -> wait -> download -> report -> stop, timing each stage; always stops."""
-    from fedopal.job import ProgressWatcher
+    from fedopal.tools.job import ProgressWatcher
 
     times: dict[str, float] = {}
 
@@ -483,7 +472,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "install-site-policy":
             install_site_policy(args.site_kit, args.policy)
-            print(f"installed {args.site_kit}/local/privacy.json and local/custom/{SITE_POLICY_PACKAGE}/")
+            print(f"installed {args.site_kit}/local/privacy.json")
             return 0
         sites = None
         if args.command in ("prepare", "run"):

@@ -1,17 +1,15 @@
 """Shared fixtures: a small real federation (PneumoniaMNIST PNGs) and tiny-model configs."""
 
 import os
-import sys
 
 import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "custom"))
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # fedopal itself is installed (make venv): no sys.path entry for it
 
 from fedopal.config import config_from_dict  # noqa: E402
-from fedopal.prepare import build_federation  # noqa: E402
+from fedopal.tools.prepare import build_federation  # noqa: E402
 
 NPZ = os.path.join(REPO, "data", "medmnist", "pneumoniamnist.npz")
 
@@ -40,3 +38,17 @@ def tiny_config(root=".", **train):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+def server_side(cfg, weighting=None, max_site_weight=1e9):
+    """The server's model and aggregator as a FedOPAL job builds them: the initial shared state computed where the
+    job is built, carried to the server as the job's arguments (tools.job.build_recipe)."""
+    from fedopal.server.aggregator import SharedKeyAggregator
+    from fedopal.server.global_model import GlobalStateModel, encode_state, expected_spec
+    from fedopal.tools.job import initial_shared_state
+
+    initial = initial_shared_state(cfg)
+    model = GlobalStateModel(*encode_state(initial))
+    aggregator = SharedKeyAggregator(expected_spec(initial), weighting or cfg.federation.weighting(cfg.privacy.enabled),
+                                     max_site_weight)
+    return model, aggregator

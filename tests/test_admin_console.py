@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from fedopal.job import export_job
-from fedopal.report import collect_site_records
+from fedopal.tools.job import export_job
+from fedopal.tools.report import collect_site_records
 
 from conftest import REPO, tiny_config
 

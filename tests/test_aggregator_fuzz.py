@@ -5,16 +5,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 
-from fedopal.aggregator import SharedKeyAggregator
-from fedopal.server_model import GlobalStateModel
+from conftest import server_side, tiny_config
 
-from conftest import tiny_config
-
-CONFIG = tiny_config().model_dump(mode="json")
-SHARED = {k: v.numpy() for k, v in GlobalStateModel(CONFIG).state_dict().items()}
+MODEL, AGG = server_side(tiny_config())
+SHARED = {k: v.numpy() for k, v in MODEL.state_dict().items()}
 KEYS = sorted(SHARED)
-AGG = SharedKeyAggregator(CONFIG)
-AGG.expected()  # build the expected spec once
 
 
 def good_params(fill=1.0):

@@ -9,14 +9,14 @@ import time
 
 import torch
 
-from fedopal.site_state import PERSONAL_FILE, SiteStore
+from fedopal.site.state import PERSONAL_FILE, SiteStore
 
 from conftest import REPO
 
 WRITER = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from fedopal.site_state import SiteStore
+from fedopal.site.state import SiteStore
 store = SiteStore(sys.argv[1])
 big = {"w": torch.randn(64_000_000)}  # ~256 MB: a write that takes a while
 while True:

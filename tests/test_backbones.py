@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel)
 
-from fedopal.adapters import build_model
-from fedopal.backbones import CLIP, IMAGENET, BackboneError
+from fedopal.model.adapters import build_model
+from fedopal.model.backbones import CLIP, IMAGENET, BackboneError
 from fedopal.config import ConfigError, config_from_dict
-from fedopal.methods import get_method
-from fedopal.orthogonality import RepresentationOrthogonality, weight_orthogonality
+from fedopal.specs.methods import get_method
+from fedopal.model.orthogonality import RepresentationOrthogonality, weight_orthogonality
 
 from conftest import tiny_config
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import REPO, tiny_config
 
-ENV = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")}
+ENV = dict(os.environ)
 
 
 def make_site(root, site="site-1", n=6, rgb=False, suffix=".png", rows=None):
@@ -64,7 +64,7 @@ def run(module, *args):
 
 def test_the_cli_exits_non_zero_with_one_line(tmp_path):
     make_site(tmp_path / "fed", rows=[("images/0.png", 5, "train")])
-    proc = subprocess.run([sys.executable, "-m", "fedopal.validate", "--config", write_config(tmp_path, tmp_path / "fed")],
+    proc = subprocess.run([sys.executable, "-m", "fedopal.site.validate", "--config", write_config(tmp_path, tmp_path / "fed")],
                           capture_output=True, text=True, env=ENV, cwd=REPO)
     assert_one_line_error(proc.returncode, proc.stderr.strip(), "manifest.csv:2", "out of range")
 
@@ -142,25 +142,25 @@ CASES = {
 def test_bad_site_data_is_refused_by_the_validator(tmp_path, case):
     make, sections = CASES[case]
     needle = make(tmp_path / "fed")
-    code, err = run("fedopal.validate", "--config", write_config(tmp_path, tmp_path / "fed", **sections))
+    code, err = run("fedopal.site.validate", "--config", write_config(tmp_path, tmp_path / "fed", **sections))
     assert_one_line_error(code, err, needle)
 
 
 def test_a_missing_manifest_column_is_named(tmp_path):
     folder = make_site(tmp_path / "fed")
     (folder / "manifest.csv").write_text("file,label,split\nimages/0.png,0,train\n")
-    code, err = run("fedopal.validate", "--config", write_config(tmp_path, tmp_path / "fed"))
+    code, err = run("fedopal.site.validate", "--config", write_config(tmp_path, tmp_path / "fed"))
     assert_one_line_error(code, err, "missing column(s) ['path']")
 
 
 def test_unreadable_and_mismatched_checkpoints_stop_the_job_before_it_starts(tmp_path):
     make_site(tmp_path / "fed")
     (tmp_path / "bad.pt").write_bytes(b"nonsense")
-    code, err = run("fedopal.job", "--config", write_config(tmp_path, tmp_path / "fed",
+    code, err = run("fedopal.tools.job", "--config", write_config(tmp_path, tmp_path / "fed",
                     model={"checkpoint": str(tmp_path / "bad.pt")}), "--simulate", "--workspace", str(tmp_path / "ws"))
     assert_one_line_error(code, err, "bad.pt", "not a readable torch checkpoint")
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "other.pt")
-    code, err = run("fedopal.job", "--config", write_config(tmp_path, tmp_path / "fed",
+    code, err = run("fedopal.tools.job", "--config", write_config(tmp_path, tmp_path / "fed",
                     model={"checkpoint": str(tmp_path / "other.pt")}), "--simulate", "--workspace", str(tmp_path / "ws"))
     assert_one_line_error(code, err, "other.pt", "foo.weight")
 
@@ -171,8 +171,8 @@ def test_unreadable_and_mismatched_checkpoints_stop_the_job_before_it_starts(tmp
 def test_config_mistakes_stop_every_entry_point(tmp_path, text, needle):
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
-    for module in ("fedopal.job", "fedopal.validate", "fedopal.bench"):
-        extra = ["--simulate"] if module == "fedopal.job" else []
+    for module in ("fedopal.tools.job", "fedopal.site.validate", "fedopal.tools.bench"):
+        extra = ["--simulate"] if module == "fedopal.tools.job" else []
         code, err = run(module, "--config", str(path), *extra)
         assert_one_line_error(code, err, needle, "cfg.yaml")
 
@@ -186,7 +186,7 @@ def test_a_failed_start_overwrites_nothing(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "summary.md").write_text("previous table")
-    code, err = run("fedopal.job", "--config", write_config(tmp_path, tmp_path / "fed"), "--simulate",
+    code, err = run("fedopal.tools.job", "--config", write_config(tmp_path, tmp_path / "fed"), "--simulate",
                     "--workspace", str(tmp_path / "ws"), "--results", str(results))
     assert_one_line_error(code, err, "out of range")
     assert (previous / "FL_global_model.pt").read_bytes() == b"precious"

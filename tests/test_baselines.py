@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fedopal.adapters import build_model
-from fedopal.data import build_datasets, read_manifest
-from fedopal.methods import get_method
-from fedopal.train import InstanceWeighting, SiteTrainer
+from fedopal.model.adapters import build_model
+from fedopal.site.data import build_datasets, read_manifest
+from fedopal.specs.methods import get_method
+from fedopal.site.train import InstanceWeighting, SiteTrainer
 
 from conftest import tiny_config
 

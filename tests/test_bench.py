@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from fedopal.bench import main as bench_main
+from fedopal.tools.bench import main as bench_main
 
 from conftest import tiny_config
 
@@ -84,7 +84,7 @@ def test_the_guide_reads_the_committed_summaries(tmp_path):
     """Hand-made summary.csv: two methods, two seeds, two sites; the means and sds are easy to check by hand."""
     import statistics
 
-    from fedopal.bench import main as bench
+    from fedopal.tools.bench import main as bench
 
     folder = tmp_path / "concept"
     folder.mkdir()

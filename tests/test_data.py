@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fedopal.backbones import IMAGENET
+from fedopal.model.backbones import IMAGENET
 from fedopal.config import config_from_dict
-from fedopal.data import DataError, build_datasets, build_transforms, label_counts, read_manifest
-from fedopal.prepare import build_federation
+from fedopal.site.data import DataError, build_datasets, build_transforms, label_counts, read_manifest
+from fedopal.tools.prepare import build_federation
 
 from conftest import NPZ
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from fedopal.config import config_from_dict
-from fedopal.data import DataError, build_datasets, build_transforms, file_format, read_manifest
-from fedopal.prepare import build_federation, nifti_affine
+from fedopal.site.data import DataError, build_datasets, build_transforms, file_format, read_manifest
+from fedopal.tools.prepare import build_federation, nifti_affine
 
 from conftest import REPO
 

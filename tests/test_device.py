@@ -9,14 +9,14 @@ import pytest
 import torch
 import yaml
 
-from fedopal.adapters import build_model
+from fedopal.model.adapters import build_model
 from fedopal.config import ConfigError, config_from_dict
-from fedopal.device import DeviceError, cpu_copy, describe, resolve_device
-from fedopal.methods import get_method
+from fedopal.site.device import DeviceError, cpu_copy, describe, resolve_device
+from fedopal.specs.methods import get_method
 
 from conftest import REPO, tiny_config
 
-ENV = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")}
+ENV = dict(os.environ)
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
 
@@ -76,7 +76,7 @@ def test_simulate_on_a_missing_gpu_stops_before_anything_is_written(small_federa
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(tiny_config(root).model_dump(mode="json")))
     ws, results = tmp_path / "ws", tmp_path / "results"
-    proc = run(["fedopal.job", "--config", str(config), "--simulate", "--workspace", str(ws), "--results",
+    proc = run(["fedopal.tools.job", "--config", str(config), "--simulate", "--workspace", str(ws), "--results",
                 str(results), "--set", "train.device=cuda"])
     assert_one_line_error(proc)
     assert not ws.exists() and not results.exists()
@@ -89,7 +89,7 @@ def test_bench_on_a_missing_gpu_stops_before_anything_is_written(small_federatio
     raw["bench"] = {"methods": ["fedavg_lora"], "seeds": [0], "out_dir": str(tmp_path / "bench")}
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc = run(["fedopal.bench", "--config", str(config), "--workspace", str(tmp_path / "ws"),
+    proc = run(["fedopal.tools.bench", "--config", str(config), "--workspace", str(tmp_path / "ws"),
                 "--set", "train.device=cuda:1"])
     assert_one_line_error(proc)
     assert not (tmp_path / "bench").exists() and not (tmp_path / "ws").exists()
@@ -97,14 +97,14 @@ def test_bench_on_a_missing_gpu_stops_before_anything_is_written(small_federatio
 
 @no_cuda
 def test_predict_on_a_missing_gpu_writes_no_predictions(small_federation, tmp_path):
-    from fedopal.export import export_site_model
+    from fedopal.site.export import export_site_model
 
     root, _ = small_federation
     cfg = tiny_config(root)
     model = build_model(cfg, get_method("fedopal_w", "shared"), "site-1")
     folder = export_site_model(model, cfg, str(tmp_path / "export"), 0, {})["personalized"]
     out = tmp_path / "predictions.csv"
-    proc = run(["fedopal.predict", "--model", folder, "--input", str(root / "site-1" / "images"), "--out", str(out),
+    proc = run(["fedopal.site.predict", "--model", folder, "--input", str(root / "site-1" / "images"), "--out", str(out),
                 "--device", "cuda"])
     assert_one_line_error(proc)
     assert not out.exists()

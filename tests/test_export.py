@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedopal.adapters import build_model
+from fedopal.model.adapters import build_model
 from fedopal.config import ConfigError, config_from_dict
-from fedopal.data import build_datasets, read_manifest
-from fedopal.export import (ADAPTERS, MANIFEST, MERGED, ExportError, SiteExporter, export_site_model, load_exported,
+from fedopal.site.data import build_datasets, read_manifest
+from fedopal.site.export import (ADAPTERS, MANIFEST, MERGED, ExportError, SiteExporter, export_site_model, load_exported,
                             replace_folder)
-from fedopal.methods import METHODS, get_method, group_of
-from fedopal.train import SiteTrainer
+from fedopal.specs.methods import METHODS, get_method, group_of
+from fedopal.site.train import SiteTrainer
 
 from conftest import tiny_config
 
@@ -104,7 +104,7 @@ def test_merged_model_matches_adapter_model(exported, view):
 def test_merged_model_loads_without_peft(exported, monkeypatch):
     _, model, _, views = exported
     monkeypatch.setitem(sys.modules, "peft", None)  # any `import peft` now raises ImportError
-    monkeypatch.setitem(sys.modules, "fedopal.adapters", None)
+    monkeypatch.setitem(sys.modules, "fedopal.model.adapters", None)
     merged_model, _, _ = load_exported(views["personalized"], merged=True)
     with torch.no_grad():
         torch.testing.assert_close(merged_model(X), outputs(model, "personalized"), atol=1e-5, rtol=1e-4)
@@ -123,14 +123,28 @@ def test_every_method_round_trips_through_its_export(method, tmp_path):
         assert manifest["method"] == method and manifest["round"] == 4
 
 
-def test_feddpa_export_keeps_the_instance_weighting(small_federation, tmp_path):
+def test_feddpa_export_leaves_the_patient_derived_feature_bank_out_unless_asked(small_federation, tmp_path):
+    cfg, model, trainer, metrics = trained_site_model(small_federation, method="feddpa", augment=False)
+    assert not cfg.export.feature_bank  # the default
+    views = SiteExporter(model, cfg, str(tmp_path), "site-1", trainer.datasets["train"]).write(0, metrics)
+    loaded, _, manifest = load_exported(views["personalized"])
+    assert manifest["inference_weighting"] is None and "not exported" in manifest["feature_bank"]
+    assert not any("instance_bank" in k for k in load_file(
+        os.path.join(views["personalized"], ADAPTERS)))
+    with torch.no_grad():  # the personal adapter at weight 1: the plain personalized model
+        torch.testing.assert_close(loaded(X), outputs(model, "personalized"), atol=1e-5, rtol=1e-4)
+
+
+def test_feddpa_export_keeps_the_instance_weighting_when_asked(small_federation, tmp_path):
     # No augmentation: FedDPA's feature bank is computed through the training pipeline, so with augmentation on,
     # every computation of it (the trainer's, the exporter's) draws other images.
     cfg, model, trainer, metrics = trained_site_model(small_federation, method="feddpa", augment=False)
+    cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"feature_bank": True})})
     exporter = SiteExporter(model, cfg, str(tmp_path), "site-1", trainer.datasets["train"])
     views = exporter.write(0, metrics)
     loaded, _, manifest = load_exported(views["personalized"])
     assert manifest["inference_weighting"]["kind"] == "instance_similarity"
+    assert manifest["feature_bank"].startswith(f"exported: {len(trainer.datasets['train'])} backbone embeddings")
     assert not os.path.exists(os.path.join(views["personalized"], MERGED))  # per-input weights cannot be folded
     _, expected = trainer.predict("test", personalized=True)  # what the site measured, FedDPA weighting included
     with torch.no_grad():

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from fedopal.adapters import build_model
-from fedopal.backbones import BackboneError
-from fedopal.data import build_datasets, read_manifest
-from fedopal.diagnostics import adapter_overlaps, subspace_overlap
-from fedopal.methods import get_method
-from fedopal.train import SiteTrainer
+from fedopal.model.adapters import build_model
+from fedopal.model.backbones import BackboneError
+from fedopal.site.data import build_datasets, read_manifest
+from fedopal.model.diagnostics import adapter_overlaps, subspace_overlap
+from fedopal.specs.methods import get_method
+from fedopal.site.train import SiteTrainer
 
 from conftest import tiny_config
 

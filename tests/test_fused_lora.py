@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from fedopal.adapters import FedOpalModel, build_model
-from fedopal.backbones import Backbone
+from fedopal.model.adapters import FedOpalModel, build_model
+from fedopal.model.backbones import Backbone
 from fedopal.config import config_from_dict
-from fedopal.fused_lora import FusedLoraForward
-from fedopal.methods import get_method
-from fedopal.orthogonality import RepresentationOrthogonality, weight_orthogonality
+from fedopal.model.fused_lora import FusedLoraForward
+from fedopal.specs.methods import get_method
+from fedopal.model.orthogonality import RepresentationOrthogonality, weight_orthogonality
 
 from conftest import tiny_config
 
@@ -155,7 +155,7 @@ def test_one_adapter_methods_take_the_fused_path_and_match(method, tmp_path):
 
 
 def test_merged_export_of_a_fused_model_equals_its_forward(tmp_path):
-    from fedopal.export import merged_state
+    from fedopal.site.export import merged_state
 
     model, x = build("monai_vit", True, tmp_path)
     model.eval()
@@ -171,7 +171,7 @@ def test_merged_export_of_a_fused_model_equals_its_forward(tmp_path):
 
 @pytest.mark.slow
 def test_fused_and_peft_runs_send_the_same_tensors(small_federation, tmp_path):
-    from fedopal.job import simulate
+    from fedopal.tools.job import simulate
 
     root, _ = small_federation
     sent = {}

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_smoke_runs_every_part_and_writes_its_summary(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom"), "FEDOPAL_HOME": REPO}
-    proc = subprocess.run([sys.executable, "-m", "fedopal.gpucheck", "--smoke", "--device", "cpu", "--out",
+    env = {**os.environ, "FEDOPAL_HOME": REPO}
+    proc = subprocess.run([sys.executable, "-m", "fedopal.tools.gpucheck", "--smoke", "--device", "cpu", "--out",
                            str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))

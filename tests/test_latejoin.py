@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedopal.export import ADAPTERS, MANIFEST, export_site_model
-from fedopal.data import read_manifest
-from fedopal.latejoin import limit_train, main
-from fedopal.methods import get_method
-from fedopal.predict import main as predict_main
+from fedopal.site.export import ADAPTERS, MANIFEST, export_site_model
+from fedopal.site.data import read_manifest
+from fedopal.site.latejoin import limit_train, main
+from fedopal.specs.methods import get_method
+from fedopal.site.predict import main as predict_main
 
 from test_export import trained_site_model
 

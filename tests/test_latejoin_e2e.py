@@ -13,11 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fedopal.export import ADAPTERS, MANIFEST, MERGED
-from fedopal.job import simulate
-from fedopal.latejoin import main as latejoin_main
-from fedopal.prepare import build_federation
-from fedopal.site_state import read_metrics, simulation_state_root
+from fedopal.site.export import ADAPTERS, MANIFEST, MERGED
+from fedopal.tools.job import simulate
+from fedopal.site.latejoin import main as latejoin_main
+from fedopal.tools.prepare import build_federation
+from fedopal.site.state import read_metrics, simulation_state_root
 
 from conftest import NPZ, REPO, tiny_config
 
@@ -37,7 +37,7 @@ def finished_job(tmp_path_factory):
 
 
 def run(module, *args):
-    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")}
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=600)
 
@@ -62,7 +62,7 @@ def test_the_best_export_predicts_the_test_metrics_the_site_recorded(finished_jo
     best = os.path.join(state_root, "site-1", "export", "best", "personalized")
     manifest = json.load(open(os.path.join(best, MANIFEST)))
     # the merged copy, from the command line (tests/test_predict.py covers the adapter model in-process)
-    proc = run("fedopal.predict", "--model", best, "--manifest", root / "site-1" / "manifest.csv", "--split", "test",
+    proc = run("fedopal.site.predict", "--model", best, "--manifest", root / "site-1" / "manifest.csv", "--split", "test",
                "--out", tmp_path / "pred.csv", "--merged")
     assert proc.returncode == 0, proc.stderr
     printed = float(re.search(r"balanced accuracy ([0-9.]+)", proc.stdout).group(1))
@@ -75,7 +75,7 @@ def test_a_new_site_joins_from_the_servers_global_model(finished_job, tmp_path, 
     config = tmp_path / "federation.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     out = tmp_path / "site-3"
-    proc = run("fedopal.latejoin", "--global-model", global_path, "--config", config, "--site-dir", root / "site-3",
+    proc = run("fedopal.site.latejoin", "--global-model", global_path, "--config", config, "--site-dir", root / "site-3",
                "--out", out)
     assert proc.returncode == 0, proc.stderr
     server = torch.load(global_path, map_location="cpu", weights_only=True)["model"]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedopal.adapters import build_model, count_params
+from fedopal.model.adapters import build_model, count_params
 from fedopal.config import config_from_dict
-from fedopal.methods import get_method
+from fedopal.specs.methods import get_method
 
 
 def test_both_adapters_act_in_the_same_forward_pass(tiny_cfg):

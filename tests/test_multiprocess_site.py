@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from fedopal.job import export_job, simulate
-from fedopal.report import collect_site_records
-from fedopal.site_state import PERSONAL_FILE, simulation_state_root
+from fedopal.tools.job import export_job, simulate
+from fedopal.tools.report import collect_site_records
+from fedopal.site.state import PERSONAL_FILE, simulation_state_root
 
 from conftest import REPO, tiny_config
 
@@ -54,25 +54,34 @@ def test_two_ddp_processes_send_what_one_process_sends(small_federation, tmp_pat
     assert any(float(v.abs().max()) > 0 for k, v in sent[1].items() if ".lora_B." in k), start.name
 
 
+def site_executor(job):
+    """The site executor as FLARE builds it at a site: its class, from the exported args."""
+    from fedopal.site.executor import FedOpalSiteExecutor
+
+    client = json.load(open(os.path.join(job, "app", "config", "config_fed_client.json")))
+    executor = client["executors"][0]["executor"]
+    assert executor["path"] == "fedopal.site.executor.FedOpalSiteExecutor"
+    return FedOpalSiteExecutor(**executor["args"])
+
+
 def test_a_multi_process_site_is_launched_by_torchrun_and_asks_flare_for_its_gpus(tmp_path):
     cfg = tiny_config(nproc_per_site=2, device="cuda")  # a job exported here may run on GPU sites
     cfg.federation.gpu_mem_gib = 16
-    job = export_job(cfg, str(tmp_path))
-    client = json.load(open(os.path.join(job, "app", "config", "config_fed_client.json")))
-    args = client["executors"][0]["executor"]["args"]
-    assert args["execution_mode"] == "external_process"
-    command = args["command"]
+    job = export_job(cfg, str(tmp_path), "no-code")
+    executor = site_executor(job)
+    assert executor.execution_mode == "external_process"
+    command = executor._command
     assert command[:4] == ["python3", "-u", "-m", "torch.distributed.run"] and "--nproc_per_node=2" in command
     assert "--standalone" in command  # a free rendezvous port: two sites on one machine do not collide
+    assert command[7:9] == ["-m", "fedopal.site.client"]  # the site's installed runtime, no path of this machine
     meta = json.load(open(os.path.join(job, "meta.json")))
     assert meta["resource_spec"] == {s: {"num_of_gpus": 2, "mem_per_gpu_in_GiB": 16.0} for s in ("site-1", "site-2")}
 
 
 def test_a_job_for_any_device_asks_for_no_gpu(tmp_path):
-    job = export_job(tiny_config(), str(tmp_path))  # device auto: CPU sites may run it too
+    job = export_job(tiny_config(), str(tmp_path), "no-code")  # device auto: CPU sites may run it too
     assert json.load(open(os.path.join(job, "meta.json")))["resource_spec"] == {}
-    client = json.load(open(os.path.join(job, "app", "config", "config_fed_client.json")))
-    assert client["executors"][0]["executor"]["args"]["execution_mode"] == "in_process"
+    assert site_executor(job).execution_mode == "in_process"
 
 
 def test_poc_gpu_ids_reach_nvflare_poc_start_as_its_own_parser_reads_them():

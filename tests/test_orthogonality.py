@@ -4,11 +4,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fedopal.adapters import build_model
-from fedopal.data import build_datasets, read_manifest
-from fedopal.methods import get_method
-from fedopal.orthogonality import RepresentationOrthogonality, weight_orthogonality
-from fedopal.train import SiteTrainer
+from fedopal.model.adapters import build_model
+from fedopal.site.data import build_datasets, read_manifest
+from fedopal.specs.methods import get_method
+from fedopal.model.orthogonality import RepresentationOrthogonality, weight_orthogonality
+from fedopal.site.train import SiteTrainer
 
 from conftest import tiny_config
 

@@ -26,11 +26,11 @@ import yaml
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
 
-from fedopal.adapters import build_model
-from fedopal.job import PRIVACY_SCOPE, export_job
-from fedopal.methods import get_method
-from fedopal.privacy import update_epsilon
-from fedopal.site_state import METRICS_FILE, PERSONAL_FILE
+from fedopal.model.adapters import build_model
+from fedopal.tools.job import PRIVACY_SCOPE, export_job
+from fedopal.specs.methods import get_method
+from fedopal.policy.privacy import update_epsilon
+from fedopal.site.state import METRICS_FILE, PERSONAL_FILE
 
 from conftest import REPO, tiny_config
 
@@ -72,7 +72,7 @@ def test_a_taken_port_is_refused_at_prepare_in_one_line_before_anything_is_writt
         proc = subprocess.run([sys.executable, os.path.join(REPO, "poc_setup", "poc.py"), "prepare", "--workspace",
                                str(tmp_path / "ws"), "--home", str(tmp_path / "home"), "--port", str(port)],
                               capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")})
+                              env=os.environ)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert f"port {port} is already in use" in proc.stderr and "Fix:" in proc.stderr
@@ -96,20 +96,14 @@ def test_committed_job_selects_the_scope_every_site_defines():
 
 
 def _installed_filters(kit):
-    """The site's privacy.json filters, built from the installed fedopal_site package alone (no `fedopal`)."""
+    """The site's privacy.json filters, built as FLARE builds them: by class path, from the installed runtime."""
     with open(kit / "local" / "privacy.json") as f:
         confs = json.load(f)["scopes"][0]["task_result_filters"]
-    sys.path.insert(0, str(kit / "local" / "custom"))
-    try:
-        for name in [m for m in sys.modules if m == "fedopal_site" or m.startswith("fedopal_site.")]:
-            del sys.modules[name]
-        built = []
-        for conf in confs:
-            module_name, class_name = conf["path"].rsplit(".", 1)
-            built.append(getattr(importlib.import_module(module_name), class_name)(**conf["args"]))
-        return built
-    finally:
-        sys.path.remove(str(kit / "local" / "custom"))
+    built = []
+    for conf in confs:
+        module_name, class_name = conf["path"].rsplit(".", 1)
+        built.append(getattr(importlib.import_module(module_name), class_name)(**conf["args"]))
+    return built
 
 
 def test_installed_site_policy_lets_only_the_global_adapter_leave(tmp_path, tiny_cfg):
@@ -117,7 +111,7 @@ def test_installed_site_policy_lets_only_the_global_adapter_leave(tmp_path, tiny
     (kit / "local").mkdir(parents=True)
     poc.install_site_policy(str(kit))
     (site_filter,) = _installed_filters(kit)
-    assert type(site_filter).__module__ == "fedopal_site.filters"  # standalone: not the job's fedopal package
+    assert type(site_filter).__module__ == "fedopal.policy.filters"  # the installed runtime's policy package
 
     everything = build_model(tiny_cfg, get_method("fedopal_w"), "site-9").state_dict()
     shareable = DXO(data_kind=DataKind.WEIGHT_DIFF, data={k: v.numpy() for k, v in everything.items()}).to_shareable()
@@ -131,10 +125,12 @@ def test_installed_dp_policy_clips_and_noises_the_update(tmp_path):
     (kit / "local").mkdir(parents=True)
     poc.install_site_policy(str(kit), poc.SITE_PRIVACY_DP)
     allow, dp = _installed_filters(kit)
-    assert type(dp).__module__ == "fedopal_site.privacy" and dp.source == "site policy"
+    assert type(dp).__module__ == "fedopal.policy.privacy" and dp.source == "site policy"
     update = {"backbone.x.lora_A.global.weight": np.full((4, 4), 10.0, np.float32)}
     out = from_shareable(dp.process(DXO(data_kind=DataKind.WEIGHT_DIFF, data=update).to_shareable(), FLContext()))
-    assert out.get_meta_prop("fedopal_dp")[0]["clipped"] and out.get_meta_prop("fedopal_dp")[0]["epsilon"] > 0
+    (record,) = out.get_meta_prop("fedopal_dp")
+    assert record["source"] == "site policy" and record["epsilon"] > 0 and "update_norm" not in record
+    assert np.linalg.norm(out.data["backbone.x.lora_A.global.weight"]) < 40  # clipped to 1, then noised (sd 2)
 
 
 # -- one real POC: provisioned, started, two jobs, stopped -------------------------------------------

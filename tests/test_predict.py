@@ -1,4 +1,4 @@
-"""`python -m fedopal.predict`: an exported model on a manifest or on files, probabilities to CSV, metrics if labelled."""
+"""`python -m fedopal.site.predict`: an exported model on a manifest or on files, probabilities to CSV, metrics if labelled."""
 
 import csv
 import os
@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 
-from fedopal.adapters import build_model
+from fedopal.model.adapters import build_model
 from fedopal.config import config_from_dict
-from fedopal.export import ADAPTERS, export_site_model
-from fedopal.methods import get_method
-from fedopal.predict import evaluate_export, main
-from fedopal.prepare import build_federation
+from fedopal.site.export import ADAPTERS, export_site_model
+from fedopal.specs.methods import get_method
+from fedopal.site.predict import evaluate_export, main
+from fedopal.tools.prepare import build_federation
 
 from conftest import REPO
 from test_export import trained_site_model

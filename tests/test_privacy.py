@@ -15,17 +15,17 @@ from opacus.accountants import create_accountant
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fedopal.adapters import build_model
-from fedopal.aggregator import UPDATES_LOG, SharedKeyAggregator
+from fedopal.model.adapters import build_model
+from fedopal.server.aggregator import UPDATES_LOG
 from fedopal.config import ConfigError, config_from_dict, job_dict
-from fedopal.filters import TensorGroupFilter
-from fedopal.job import ResumeError, checkpoint_round, update_noise
-from fedopal.methods import METHODS, get_method
-from fedopal.privacy import (DP_META_KEY, DPUpdateFilter, PrivacyError, accountant_epsilon, clip_and_noise,
+from fedopal.policy.filters import TensorGroupFilter
+from fedopal.tools.job import ResumeError, checkpoint_round, update_noise
+from fedopal.specs.methods import METHODS, get_method
+from fedopal.policy.privacy import (DP_META_KEY, DPUpdateFilter, PrivacyError, accountant_epsilon, clip_and_noise,
                              update_epsilon, update_noise_for_epsilon)
 from fedopal.transfer import ServerDequantizer, SiteQuantizer
 
-from conftest import tiny_config
+from conftest import server_side, tiny_config
 
 DELTA = 1e-5
 
@@ -116,15 +116,30 @@ def test_the_filter_refuses_full_weights_and_integer_tensors():
         DPUpdateFilter(clip_norm=0.0, noise_multiplier=1.0)
 
 
-def test_the_filter_accounts_every_release_and_records_it_in_the_meta():
+def test_the_filter_accounts_every_release_and_records_only_settings_and_epsilon():
     dp = DPUpdateFilter(clip_norm=1.0, noise_multiplier=2.0, delta=DELTA)
     for release in (1, 2, 3):
         diff = DXO(DataKind.WEIGHT_DIFF, data={"w": np.full(10, 5.0, np.float32)}).to_shareable()
+        diff.set_header("current_round", release - 1)
         out = from_shareable(dp.process(diff, FLContext()))
         (record,) = out.get_meta_prop(DP_META_KEY)
-        assert record["releases"] == release and record["clipped"] and record["update_norm"] == pytest.approx(
-            math.sqrt(10) * 5)
+        assert record["releases"] == release
         assert record["epsilon"] == pytest.approx(update_epsilon(2.0, release, DELTA), rel=1e-9)
+        # nothing computed from the data leaves un-noised: not the update's norm, not whether it was clipped
+        assert set(record) == {"mode", "source", "epsilon", "delta", "noise_multiplier", "clip_norm", "releases",
+                               "accountant", "unit"}
+
+
+def test_a_resumed_job_counts_the_releases_of_the_rounds_before_it():
+    """2 rounds, then --resume to 3: the new job's filter starts at 0 releases, but the round header says 2 rounds
+    came before; epsilon after round 3 is that of 3 releases, as the closed form for 3 Gaussian mechanisms says."""
+    first_job, resumed = DPUpdateFilter(1.0, 2.0, DELTA), DPUpdateFilter(1.0, 2.0, DELTA)
+    for round_num, dp in ((0, first_job), (1, first_job), (2, resumed)):
+        diff = DXO(DataKind.WEIGHT_DIFF, data={"w": np.full(10, 5.0, np.float32)}).to_shareable()
+        diff.set_header("current_round", round_num)
+        (record,) = from_shareable(dp.process(diff, FLContext())).get_meta_prop(DP_META_KEY)
+    assert record["releases"] == 3
+    assert record["epsilon"] == pytest.approx(gaussian_mechanism_epsilon(math.sqrt(3) / (2.0 / 2), DELTA), rel=0.01)
 
 
 # -- the site policy on every method ---------------------------------------------------------------------------------
@@ -151,7 +166,7 @@ def test_a_site_policy_allowing_only_the_global_adapter_is_all_the_server_gets(m
     shareable = DXO(DataKind.WEIGHT_DIFF, data=outgoing).to_shareable()
     sent = from_shareable(policy.process(shareable, FLContext())).data
 
-    aggregator = SharedKeyAggregator(config=job_dict(cfg))
+    _, aggregator = server_side(cfg)
     aggregator.fl_ctx = _Ctx(str(tmp_path))
     aggregator.accept_model(FLModel(params=sent, params_type=ParamsType.DIFF,
                                     meta={"client_name": "site-1", FLMetaKey.NUM_STEPS_CURRENT_ROUND: 10}))
@@ -242,7 +257,7 @@ def test_dpsgd_runs_peft_unfused_path_that_opacus_hooks_see():
     raw["privacy"] = {"mode": "update", "noise_multiplier": 1.0}
     assert config_from_dict(raw).model.fused_adapters is True
 def test_the_epsilon_command_answers_before_anything_runs(capsys):
-    from fedopal.privacy import main
+    from fedopal.policy.privacy import main
 
     assert main(["--rounds", "5", "--noise-multiplier", "2"]) == 0
     assert f"epsilon {update_epsilon(2.0, 5, DELTA):.4f}" in capsys.readouterr().out

@@ -9,10 +9,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedopal.config import config_from_dict, job_dict
-from fedopal.job import simulate
-from fedopal.privacy import accountant_epsilon, update_epsilon
-from fedopal.report import cross_site_matrix, summarize, updates_log, write_summary
-from fedopal.site_state import read_metrics, simulation_state_root
+from fedopal.tools.job import simulate
+from fedopal.policy.privacy import accountant_epsilon, update_epsilon
+from fedopal.tools.report import cross_site_matrix, summarize, updates_log, write_summary
+from fedopal.site.state import read_metrics, simulation_state_root
 
 from conftest import tiny_config
 

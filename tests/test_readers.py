@@ -12,8 +12,8 @@ from pydicom.pixels import apply_modality_lut, apply_windowing
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from fedopal.config import config_from_dict
-from fedopal.data import build_transforms
-from fedopal.readers import DataError, DecodeOptions, decode
+from fedopal.site.data import build_transforms
+from fedopal.site.readers import DataError, DecodeOptions, decode
 
 from dicomgen import write_dicom, write_series
 

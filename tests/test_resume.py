@@ -14,17 +14,17 @@ import pytest
 import torch
 import yaml
 
-from fedopal.report import collect_site_records, metrics_files
-from fedopal.site_state import PERSONAL_FILE, simulation_state_root
+from fedopal.tools.report import collect_site_records, metrics_files
+from fedopal.site.state import PERSONAL_FILE, simulation_state_root
 
 from conftest import REPO, tiny_config
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")}
+ENV = dict(os.environ)
 
 
 def job_cmd(config, ws, *extra):
-    return [sys.executable, "-m", "fedopal.job", "--config", str(config), "--simulate", "--workspace", str(ws), *extra]
+    return [sys.executable, "-m", "fedopal.tools.job", "--config", str(config), "--simulate", "--workspace", str(ws), *extra]
 
 
 def kill_tree(pid):

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from fedopal.config import config_from_dict
-from fedopal.job import simulate
-from fedopal.prepare import build_federation
-from fedopal.report import summarize
+from fedopal.tools.job import simulate
+from fedopal.tools.prepare import build_federation
+from fedopal.tools.report import summarize
 
 from conftest import REPO
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedopal.job import simulate
-from fedopal.report import summarize
-from fedopal.report import collect_site_records, metrics_files
-from fedopal.site_state import PERSONAL_FILE, simulation_state_root
+from fedopal.tools.job import simulate
+from fedopal.tools.report import summarize
+from fedopal.tools.report import collect_site_records, metrics_files
+from fedopal.site.state import PERSONAL_FILE, simulation_state_root
 
 from conftest import tiny_config
 

@@ -17,18 +17,18 @@ import yaml
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from fedopal.bench import aggregate, site_results
+from fedopal.tools.bench import aggregate, site_results
 from fedopal.config import config_from_dict, job_dict
-from fedopal.data import DataError, build_datasets, read_manifest
-from fedopal.predict import write_predictions
-from fedopal.report import summarize
-from fedopal.train import classification_metrics
-from fedopal.validate import check_site
+from fedopal.site.data import DataError, build_datasets, read_manifest
+from fedopal.site.predict import write_predictions
+from fedopal.tools.report import summarize
+from fedopal.site.train import classification_metrics
+from fedopal.site.validate import check_site
 
 from conftest import NPZ, REPO, tiny_config
 from test_bad_input import assert_one_line_error, run, write_config
 
-ENV = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")}
+ENV = dict(os.environ)
 
 
 def write_site(folder, files: dict, rows, text=None, encoding="utf-8", newline="\n"):
@@ -95,7 +95,7 @@ def test_class_names_and_num_classes_must_agree():
 
 
 def test_predictions_csv_uses_the_class_names(tmp_path):
-    from fedopal.data import Sample
+    from fedopal.site.data import Sample
 
     samples = [Sample("/x/1.png", 1, "test"), Sample("/x/2.png", -1, "test")]
     probs = np.array([[0.2, 0.8], [0.9, 0.1]])
@@ -119,14 +119,14 @@ def test_an_rgb_jpeg_site_and_a_16_bit_gray_site_train_in_one_job(tmp_path):
     write_site(tmp_path / "fed" / "site-2", {f"{i}.png": gray16 for i in range(6)},
                [(p.format("png"), lab, s) for p, lab, s in rows])
     config = write_config(tmp_path, tmp_path / "fed", federation={"num_sites": 2})
-    code, _ = run("fedopal.validate", "--config", config)
+    code, _ = run("fedopal.site.validate", "--config", config)
     assert code == 0
     import contextlib
     import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        from fedopal.validate import main
+        from fedopal.site.validate import main
 
         main(["--config", config])
     lines = out.getvalue().splitlines()
@@ -143,7 +143,7 @@ def validate_output(tmp_path, rows, files=None, **sections):
     import contextlib
     import io
 
-    from fedopal.validate import main
+    from fedopal.site.validate import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -164,8 +164,8 @@ def test_validate_warns_where_a_split_cannot_be_measured(tmp_path):
 def test_validate_takes_set_overrides(tmp_path):
     write_site(tmp_path / "elsewhere" / "site-1", FILES, SPLIT_ROWS)
     config = write_config(tmp_path, tmp_path / "nowhere")
-    assert run("fedopal.validate", "--config", config)[0] == 2
-    code, err = run("fedopal.validate", "--config", config, "--set", f"data.root={tmp_path / 'elsewhere'}")
+    assert run("fedopal.site.validate", "--config", config)[0] == 2
+    code, err = run("fedopal.site.validate", "--config", config, "--set", f"data.root={tmp_path / 'elsewhere'}")
     assert code == 0, err
 
 
@@ -248,7 +248,7 @@ def test_the_benchmark_means_skip_undefined_sites_and_count_them():
 @pytest.mark.slow
 def test_a_failed_simulation_prints_the_sites_one_line_error_and_its_log(tmp_path):
     """Fault 9: a failed simulation ended in `RuntimeError: Simulation failed with return code 2` and a traceback."""
-    from fedopal.prepare import build_federation
+    from fedopal.tools.prepare import build_federation
 
     build_federation(NPZ, str(tmp_path / "fed"), num_sites=2, seed=1, train_per_site=16, val_per_site=8,
                      test_per_site=8, min_test_per_class=3, min_val_per_class=3)
@@ -259,7 +259,7 @@ def test_a_failed_simulation_prints_the_sites_one_line_error_and_its_log(tmp_pat
     stale.parent.mkdir(parents=True)
     torch.save({"method": "fedopal_r", "round": 4, "state": {}}, stale)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "fedopal.job", "--config", str(tmp_path / "cfg.yaml"), "--simulate",
+    proc = subprocess.run([sys.executable, "-m", "fedopal.tools.job", "--config", str(tmp_path / "cfg.yaml"), "--simulate",
                            "--workspace", str(tmp_path / "ws")], capture_output=True, text=True, env=ENV, cwd=REPO,
                           timeout=400)
     last = proc.stderr.strip().splitlines()[-1]

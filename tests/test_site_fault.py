@@ -12,14 +12,14 @@ import pytest
 import torch
 import yaml
 
-from fedopal.prepare import build_federation
-from fedopal.report import collect_site_records
-from fedopal.site_state import PERSONAL_FILE, SiteStore, simulation_state_root
+from fedopal.tools.prepare import build_federation
+from fedopal.tools.report import collect_site_records
+from fedopal.site.state import PERSONAL_FILE, SiteStore, simulation_state_root
 
 from conftest import NPZ, REPO, tiny_config
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "PYTHONPATH": os.path.join(REPO, "custom")}
+ENV = dict(os.environ)
 
 
 def site_worker(job_ws, site):
@@ -44,7 +44,7 @@ def test_rounds_complete_without_a_dead_site_and_its_state_survives(tmp_path):
     ws = tmp_path / "ws"
     job_ws = ws / raw["name"]
     state = simulation_state_root(str(job_ws))
-    proc = subprocess.Popen([sys.executable, "-m", "fedopal.job", "--config", str(config), "--simulate",
+    proc = subprocess.Popen([sys.executable, "-m", "fedopal.tools.job", "--config", str(config), "--simulate",
                              "--workspace", str(ws)], env=ENV, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

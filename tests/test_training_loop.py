@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import ViTConfig, ViTModel
 
-from fedopal.adapters import build_model
+from fedopal.model.adapters import build_model
 from fedopal.config import config_from_dict
-from fedopal.data import build_datasets, read_manifest
-from fedopal.device import resolve_device
-from fedopal.methods import get_method
-from fedopal.train import SiteTrainer
+from fedopal.site.data import build_datasets, read_manifest
+from fedopal.site.device import resolve_device
+from fedopal.specs.methods import get_method
+from fedopal.site.train import SiteTrainer
 
 from conftest import tiny_config
 

@@ -1,6 +1,6 @@
 """FedOPAL: personalized federated fine-tuning with orthogonal global/personal LoRA adapters on NVIDIA FLARE."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import logging as _logging
 

@@ -14,7 +14,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedopal.methods import METHODS
+from fedopal.specs.contract import SITE_FIELDS, expand, matches
+from fedopal.specs.methods import METHODS
 
 
 class ConfigError(ValueError):
@@ -161,11 +162,15 @@ class TrainConfig(_Section):
 
 
 class ExportConfig(_Section):
-    """What every site writes to <site state>/export/ each round (fedopal.export): always the adapters, head and
+    """What every site writes to <site state>/export/ each round (fedopal.site.export): always the adapters, head and
     backbone reference as safetensors + manifest.json; optionally a merged copy that runs without peft."""
 
     merged: bool = Field(False, description="also write merged.safetensors (LoRA folded into the backbone "
                                             "weights): deployable without peft, but the backbone's size per view")
+    feature_bank: bool = Field(False, description="feddpa: also export the bank of backbone features of every "
+                                                  "training image (patient-derived data) that its instance-wise "
+                                                  "weighting needs; without it the export weighs the personal "
+                                                  "adapter 1 for every input (manifest.json says so)")
 
 
 class FederationConfig(_Section):
@@ -187,6 +192,16 @@ class FederationConfig(_Section):
     site_names: Optional[list[str]] = Field(None, description="default: site-1 .. site-N")
     gpu_mem_gib: float = Field(0, ge=0, description="with train.device cuda: GPU memory (GiB) each site's GPU must "
                                                     "offer for FLARE to schedule the job (resource_spec)")
+    aggregation_weights: Optional[Literal["samples", "equal"]] = Field(
+        None, description="the server's weighting of site updates: samples (each site's reported image count) or "
+                          "equal; default samples, and equal under differential privacy (an image count is "
+                          "derived from the data)")
+    max_site_weight: float = Field(1e6, gt=0, description="with samples weights: the largest image count a site may "
+                                                          "report; an update reporting more is rejected (one log "
+                                                          "line), so one site cannot take over the global model")
+
+    def weighting(self, privacy_enabled: bool) -> str:
+        return self.aggregation_weights or ("equal" if privacy_enabled else "samples")
 
     @model_validator(mode="before")
     @classmethod
@@ -236,10 +251,29 @@ class PrivacyConfig(_Section):
                                                     "sample's gradient (dpsgd)")
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at (below 1 / records)")
     accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus's accountant: prv (tight) or rdp")
+    allow_fields: Optional[list[str]] = Field(
+        None, description="data-derived fields that are not noised (metrics, losses, diagnostics, the image count; "
+                          "docs/privacy.md) a site still sends under DP, by name or pattern, e.g. "
+                          "['personalized/val/*']: they are then outside epsilon. Default: none under DP, all "
+                          "without. A site's own privacy.json has the last word")
 
     @property
     def enabled(self) -> bool:
         return self.noise_multiplier > 0 or self.target_epsilon is not None
+
+    @field_validator("allow_fields")
+    @classmethod
+    def _known_fields(cls, value):
+        allowable = [f for f in SITE_FIELDS if f.dp == "site allows"]
+        for name in value or []:
+            if not any(matches(f.name, name) or matches(name, n) for f in allowable for n in _examples(f.name)):
+                raise ValueError(f"{name!r} names no data-derived field of the wire contract; fields: "
+                                 + ", ".join(f.name for f in allowable))
+        return value
+
+
+def _examples(pattern: str) -> list[str]:
+    return expand(pattern)
 
 
 class PrivacyStudyConfig(_Section):
@@ -273,7 +307,7 @@ class StudiesConfig(_Section):
 
 
 class BenchConfig(_Section):
-    """`python -m fedopal.bench`: every method on the same federation, seeds and tuning budget."""
+    """`python -m fedopal.tools.bench`: every method on the same federation, seeds and tuning budget."""
 
     methods: list[str] = Field(["local", "fedavg_lora", "ffa_lora", "fedsa_lora", "dual_lora", "feddpa",
                                 "full_ft", "fedopal_w", "fedopal_r", "fedopal_p"], description="the methods compared")
@@ -324,6 +358,9 @@ class FedOpalConfig(_Section):
         if p.noise_multiplier > 0 and p.target_epsilon is not None:
             raise ValueError("privacy.noise_multiplier and privacy.target_epsilon are both set; give one (the other "
                              "follows from it)")
+        if p.enabled and self.federation.aggregation_weights == "samples":
+            raise ValueError("privacy is on but federation.aggregation_weights is samples: each site's image count is "
+                             "derived from its data and not noised; use equal (the default under DP)")
         if p.enabled and self.train.method == "full_ft":
             raise ValueError("privacy is for the adapter methods: full_ft sends BatchNorm counters (integers) that "
                              "cannot be noised; use another train.method or switch privacy off")

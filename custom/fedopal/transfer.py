@@ -26,7 +26,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
 from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
 
-from fedopal.aggregator import WIRE_BYTES_KEY
+from fedopal.specs.contract import WIRE_BYTES_KEY
 
 QUANTIZATION_MODES = ("float16", "blockwise8", "float4", "normfloat4")
 _PATCH_LOCK = threading.Lock()

@@ -1,0 +1,7 @@
+"""`python -m fedopal`: the same as the `fedopal` console command."""
+
+import sys
+
+from fedopal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,806 @@
+"""The benchmark: every method, the same federation, seeds and tuning budget, through the FLARE simulator.
+
+    python -m fedopal.tools.bench --config app_configs/bench.yaml [--quick]
+
+1. Tuning: every method gets the same learning-rate grid (bench.lr_grid) on the first seed; the lr with the
+   best mean over sites of the best *validation* balanced accuracy wins (test is never looked at).
+2. Main table: every method at its chosen lr, on every seed.
+3. Studies: lambda, head shared/personal, LoRA rank and transfer quantization (NVFlare's ModelQuantizer) for the
+   FedOPAL variants, on every seed.
+4. The privacy study (bench.privacy): each listed method without DP and at each target epsilon in each privacy
+   mode (update: clip + noise of the released update; dpsgd: DP-SGD over every trained tensor), accuracy against
+   epsilon. `--only privacy` (or `--only quantization`) runs that study alone, with the learning rates of
+   <out>/chosen.json.
+
+Each run is the production job (client, filter, aggregator, persistor) in the simulator. A finished run is
+cached in <out>/runs/<run id>.json, so an interrupted benchmark resumes where it stopped.
+Writes summary.csv, summary.md, studies.md and PNG plots to bench.out_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
+from fedopal.site.device import DeviceError, check_precision, resolve_device
+from fedopal.specs.methods import get_method
+from fedopal.site.selection import best_round
+from fedopal.tools.report import collect_site_records, covered_mean, site_epsilons, updates_log
+
+EVALS = ("personalized", "global_only")
+DIAGNOSTICS = ("overlap_A", "overlap_B", "overlap_u", "random_A", "random_B", "random_u")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    seed: int
+    lr: float
+    orth_lambda: float
+    head: str
+    lora_rank: int
+    quantization: str = "none"
+    privacy_mode: str = "none"  # none | update | dpsgd
+    target_epsilon: float = 0.0
+    clip_norm: float = 1.0
+    class_weights: str = ""  # "": the base config's
+
+    @property
+    def run_id(self) -> str:
+        run = (f"{self.method}-s{self.seed}-lr{self.lr:g}-lam{self.orth_lambda:g}-head{self.head}"
+               f"-r{self.lora_rank}")
+        if self.quantization != "none":
+            run += f"-q{self.quantization}"
+        if self.class_weights:
+            run += f"-cw{self.class_weights}"
+        if self.privacy_mode != "none":
+            run += f"-dp{self.privacy_mode}-eps{self.target_epsilon:g}-c{self.clip_norm:g}"
+        return run
+
+    def config(self, base: FedOpalConfig) -> FedOpalConfig:
+        raw = base.model_dump(mode="json")
+        raw["name"] = "bench_" + self.run_id.replace(".", "p")
+        raw["train"].update(method=self.method, seed=self.seed, lr=self.lr, orth_lambda=self.orth_lambda)
+        raw["model"].update(head=self.head, lora_rank=self.lora_rank)
+        raw["federation"]["quantization"] = self.quantization
+        if self.class_weights:
+            raw["train"]["class_weights"] = self.class_weights
+        if self.privacy_mode != "none":
+            raw["privacy"] = {**raw.get("privacy", {}), "mode": self.privacy_mode, "noise_multiplier": 0.0,
+                              "target_epsilon": self.target_epsilon, "clip_norm": self.clip_norm}
+        return FedOpalConfig.model_validate(raw)
+
+
+def default_spec(base: FedOpalConfig, method: str, seed: int, lr: float, head: str | None = None) -> RunSpec:
+    """A run of `method` as the base config says; the head where the method's own design puts it, or `head` (else
+    model.head) where the method allows it. The spec names the head actually used, so equal runs share a cache."""
+    head = get_method(method, head or base.model.head).head
+    return RunSpec(method, seed, lr, base.train.orth_lambda, head, base.model.lora_rank,
+                   base.federation.quantization)
+
+
+# -- one run ---------------------------------------------------------------------------------------------
+
+def received_bytes(job_ws: str) -> dict[str, float]:
+    """Mean bytes per round that the server actually received from each site, as they crossed the network
+    (quantized, with the quantization state); 0 if it never sent."""
+    per_site: dict[str, list[int]] = {}
+    for r in updates_log(job_ws):
+        per_site.setdefault(r["site"], []).append(r.get("wire_bytes", r["bytes"]))
+    return {site: sum(v) / len(v) for site, v in per_site.items()}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of every finished child (the simulator, its server and site processes)."""
+    import resource
+
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, gpus: str | None = None) -> dict:
+    from fedopal.tools.job import simulate
+
+    cache = os.path.join(runs_dir, spec.run_id + ".json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            return json.load(f)
+    cfg = spec.config(base)
+    start, cpu_start = time.time(), _cpu_seconds()
+    job_ws = simulate(cfg, workspace, gpus=gpus)
+    wall = time.time() - start
+    result = {"run_id": spec.run_id, "spec": spec.__dict__, "wall_s": round(wall, 1),
+              "cpu_s": round(_cpu_seconds() - cpu_start, 1),
+              "sites": collect_site_records(job_ws), "bytes_received": received_bytes(job_ws),
+              "epsilon": site_epsilons(job_ws)}
+    os.makedirs(runs_dir, exist_ok=True)
+    tmp = cache + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, cache)
+    shutil.rmtree(job_ws, ignore_errors=True)  # the per-run numbers are kept; the 20 MB checkpoints are not
+    return result
+
+
+# -- reading a run ---------------------------------------------------------------------------------------
+
+def site_results(result: dict, view: str) -> list[dict]:
+    """Per site: test metrics at the round where that view's validation balanced accuracy peaked."""
+    rows = []
+    for site, records in result["sites"].items():
+        key = f"{view}/val/balanced_accuracy"
+        if key not in records[0]:
+            continue
+        best = best_round(records, key) or records[-1]  # no measurable validation round: the final one
+        rows.append({
+            "site": site, "eval": view, "best_round": best["round"] + 1,
+            "val_balanced_accuracy": best[key],
+            "balanced_accuracy": best[f"{view}/test/balanced_accuracy"],
+            "accuracy": best[f"{view}/test/accuracy"], "auc": best[f"{view}/test/auc"],
+            "final_balanced_accuracy": records[-1][f"{view}/test/balanced_accuracy"],
+            "bytes_per_round": result["bytes_received"].get(site, 0.0),
+            "trainable_params": records[-1]["trainable_params"],
+            # dual methods: how far apart the adapters are at that round (diagnostics.py); "" for one adapter
+            **{k: best.get(k, "") for k in DIAGNOSTICS},
+        })
+    return rows
+
+
+def validation_score(result: dict) -> float:
+    mean, covered = covered_mean([r["val_balanced_accuracy"] for r in site_results(result, "personalized")])
+    return mean if covered else -math.inf
+
+
+def curve(result: dict) -> list[float]:
+    """Site-mean personalized test balanced accuracy per round."""
+    per_round: dict[int, list[float]] = {}
+    for records in result["sites"].values():
+        for r in records:
+            per_round.setdefault(r["round"], []).append(r["personalized/test/balanced_accuracy"])
+    return [covered_mean(v)[0] for _, v in sorted(per_round.items())]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan")  # one seed: no sd
+
+
+def aggregate(results: list[dict], view: str = "personalized") -> dict:
+    """Over seeds: mean +- sd of the site-mean balanced accuracy, and of the worst site."""
+    per_seed = [site_results(r, view) for r in results]
+    per_seed = [rows for rows in per_seed if rows]
+    if not per_seed:
+        return {}
+    # a site whose test split has one class has no balanced accuracy or AUC: means cover the sites that have one,
+    # and say how many (the fewest over seeds)
+    site_mean = [covered_mean([x["balanced_accuracy"] for x in rows])[0] for rows in per_seed]
+    worst = [min((x["balanced_accuracy"] for x in rows if not math.isnan(x["balanced_accuracy"])), default=math.nan)
+             for rows in per_seed]
+    return {
+        "bacc": _mean_sd(site_mean), "worst": _mean_sd(worst),
+        "sites": min(covered_mean([x["balanced_accuracy"] for x in rows])[1] for rows in per_seed),
+        "auc_sites": min(covered_mean([x["auc"] for x in rows])[1] for rows in per_seed),
+        "total_sites": max(len(rows) for rows in per_seed),
+        "accuracy": _mean_sd([covered_mean([x["accuracy"] for x in rows])[0] for rows in per_seed]),
+        "auc": _mean_sd([covered_mean([x["auc"] for x in rows])[0] for rows in per_seed]),
+        "bytes_per_round": statistics.fmean(x["bytes_per_round"] for rows in per_seed for x in rows),
+        "trainable_params": per_seed[0][0]["trainable_params"],
+        "wall_s": statistics.fmean(r["wall_s"] for r in results),
+        "n_seeds": len(per_seed),
+    }
+
+
+def _spread(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Twice the larger seed sd of two (mean, sd) pairs; nan when either has one seed (no sd)."""
+    return math.nan if math.isnan(a[1]) or math.isnan(b[1]) else 2 * max(a[1], b[1])
+
+
+def _pm(ms: tuple[float, float], covered: int | None = None, total: int | None = None) -> str:
+    text = "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f}" if math.isnan(ms[1]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+    return text if covered is None or covered == total else f"{text} ({covered}/{total} sites)"
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    base: FedOpalConfig
+    out_dir: str
+    workspace: str
+    gpus: str | None = None  # the simulator's GPU option (job.simulate)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # run id -> CPU seconds it took
+    chosen_lr: dict[str, float] = field(default_factory=dict)
+    tuning: dict[str, dict[float, float]] = field(default_factory=dict)
+    done: int = 0
+    started: float = field(default_factory=time.time)
+
+    @property
+    def runs_dir(self) -> str:
+        return os.path.join(self.out_dir, "runs")
+
+    def run(self, spec: RunSpec, total: int) -> dict:
+        self.done += 1
+        cached = os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json"))
+        elapsed = time.time() - self.started
+        extra = (f" {spec.quantization}" if spec.quantization != "none" else "") + (
+            f" DP {spec.privacy_mode} eps {spec.target_epsilon:g}" if spec.privacy_mode != "none" else "")
+        print(f"[{self.done}/{total}] {spec.method:<12} seed {spec.seed}  lr {spec.lr:g}  lambda {spec.orth_lambda:g}"
+              f"  head {spec.head}  r {spec.lora_rank}{extra}"
+              f"{'  (cached)' if cached else ''}   elapsed {elapsed / 60:.1f} min",
+              flush=True)
+        return self._kept(run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus))
+
+    def _kept(self, result: dict) -> dict:
+        self.cpu_s[result["run_id"]] = result.get("cpu_s", math.nan)  # as measured when the run ran
+        return result
+
+    def tuning_specs(self) -> list[RunSpec]:
+        b = self.base.bench
+        return [default_spec(self.base, m, b.seeds[0], lr) for m in b.methods for lr in b.lr_grid]
+
+    def main_specs(self, lrs: dict[str, float]) -> dict[str, list[RunSpec]]:
+        return {m: [default_spec(self.base, m, s, lrs[m]) for s in self.base.bench.seeds]
+                for m in self.base.bench.methods if m in lrs}
+
+    def study_specs(self, lrs: dict[str, float]) -> dict[str, list[tuple[str, list[RunSpec]]]]:
+        """study name -> [(value label, one run per seed)]; runs equal to main-table runs are reused."""
+        st = self.base.bench.studies
+        if st is None:
+            return {}
+        seeds = st.seeds or self.base.bench.seeds
+        out: dict[str, list[tuple[str, list[RunSpec]]]] = {}
+        for method in dict.fromkeys(st.lambda_methods + st.methods):
+            d = default_spec(self.base, method, 0, lrs.get(method, self.base.bench.lr_grid[0]))
+            vary = {}
+            if method in st.lambda_methods:
+                vary["lambda"] = [(f"{v:g}", {"orth_lambda": v}) for v in st.orth_lambda]
+            if method in st.methods:
+                vary["head"] = [(h, {"head": h}) for h in st.head]
+                vary["rank"] = [(str(r), {"lora_rank": r}) for r in st.lora_rank]
+                vary["quantization"] = [(q, {"quantization": q}) for q in st.quantization]
+            for study, values in vary.items():
+                out[f"{method}: {study}"] = [
+                    (label, [RunSpec(**{**d.__dict__, "seed": s, **change}) for s in seeds])
+                    for label, change in values]
+        if st.same_head:  # every method with one head placement, where its design allows it to move
+            out[f"same head for all ({st.same_head})"] = [
+                (f"{m} ({get_method(m, st.same_head).head})",
+                 [default_spec(self.base, m, s, lrs.get(m, self.base.bench.lr_grid[0]), st.same_head) for s in seeds])
+                for m in self.base.bench.methods]
+        return out
+
+    def privacy_specs(self, lrs: dict[str, float]) -> dict[str, list[tuple[str, float, list[RunSpec]]]]:
+        """method -> [(mode, target epsilon (inf: no DP), one run per seed)], every run with the study's class
+        weights."""
+        ps = self.base.bench.privacy
+        if ps is None:
+            return {}
+        seeds = ps.seeds or self.base.bench.seeds
+        out = {}
+        for method in ps.methods:
+            d = default_spec(self.base, method, 0, lrs.get(method, self.base.bench.lr_grid[0]))
+            d = RunSpec(**{**d.__dict__, "class_weights": ps.class_weights})
+            rows = [("none", math.inf, [RunSpec(**{**d.__dict__, "seed": s}) for s in seeds])]
+            for mode in ps.modes:
+                clip = ps.clip_norm_update if mode == "update" else ps.clip_norm_dpsgd
+                for eps in ps.target_epsilon:
+                    rows.append((mode, eps, [RunSpec(**{**d.__dict__, "seed": s, "privacy_mode": mode,
+                                                        "target_epsilon": eps, "clip_norm": clip}) for s in seeds]))
+            out[method] = rows
+        return out
+
+    def run_privacy_study(self, lrs: dict[str, float], cached_only: bool = False) -> dict:
+        """Seed by seed (the first seed's whole grid first), so that an interrupted study has complete seeds.
+        cached_only: run nothing, report the runs already finished (a partial study says how many seeds each row has)."""
+        specs = self.privacy_specs(lrs)
+        if cached_only:
+            done = lambda s: os.path.isfile(os.path.join(self.runs_dir, s.run_id + ".json"))  # noqa: E731
+            specs = {m: [(mode, eps, [s for s in runs if done(s)]) for mode, eps, runs in rows] for m, rows in
+                     specs.items()}
+        flat = [s for rows in specs.values() for _, _, runs in rows for s in runs]
+        total = len(flat)
+        for seed in sorted({s.seed for s in flat}):
+            for spec in (s for s in flat if s.seed == seed):
+                self.run(spec, total)
+        return {m: [(mode, eps, [run_once(self.base, s, self.runs_dir, self.workspace, self.gpus) for s in runs])
+                    for mode, eps, runs in rows] for m, rows in specs.items()}
+
+    def planned_total(self) -> int:
+        """Distinct runs in the plan. The chosen lrs do not change the count: the first seed's main-table run
+        is always one of the tuning runs."""
+        lrs = {m: self.base.bench.lr_grid[0] for m in self.base.bench.methods}
+        ids = {s.run_id for s in self.tuning_specs()}
+        ids |= {s.run_id for runs in self.main_specs(lrs).values() for s in runs}
+        ids |= {s.run_id for values in self.study_specs(lrs).values() for _, runs in values for s in runs}
+        ids |= {s.run_id for rows in self.privacy_specs(lrs).values() for _, _, runs in rows for s in runs}
+        return len(ids)
+
+    def finished(self, spec: RunSpec) -> bool:
+        return os.path.isfile(os.path.join(self.runs_dir, spec.run_id + ".json"))
+
+    def execute(self, cached_only: bool = False) -> dict:
+        """Tuning, then the main table seed by seed (every method's second seed before any third: an interrupted
+        benchmark has complete seeds), then the studies. cached_only: run nothing; report the finished runs (a
+        method whose tuning is incomplete is left out, and the tables say how many seeds each row has)."""
+        b = self.base.bench
+        total = self.planned_total()
+        print(f"Benchmark: {len(b.methods)} methods x {len(b.seeds)} seeds, lr grid {b.lr_grid}: "
+              f"{total} simulator runs (finished runs in {self.runs_dir} are reused)"
+              + ("; --cached-only: nothing is run" if cached_only else ""), flush=True)
+        tuning = self.tuning_specs()
+        if cached_only:
+            incomplete = {s.method for s in tuning if not self.finished(s)}
+            if incomplete:
+                print(f"left out (tuning runs missing): {', '.join(sorted(incomplete))}", flush=True)
+            tuning = [s for s in tuning if s.method not in incomplete]
+        for spec in tuning:
+            score = validation_score(self.run(spec, total))
+            self.tuning.setdefault(spec.method, {})[spec.lr] = score
+        self.chosen_lr = {m: max(scores, key=scores.get) for m, scores in self.tuning.items()}
+        seen: set[str] = set()
+
+        def run(spec: RunSpec) -> dict:
+            if spec.run_id in seen or self.finished(spec):
+                return self._kept(run_once(self.base, spec, self.runs_dir, self.workspace, self.gpus))
+            seen.add(spec.run_id)
+            return self.run(spec, total)
+
+        keep = self.finished if cached_only else (lambda spec: True)
+        main_specs = {m: [s for s in runs if keep(s)] for m, runs in self.main_specs(self.chosen_lr).items()}
+        seed_major = sorted((s for runs in main_specs.values() for s in runs), key=lambda s: s.seed)  # stable sort
+        by_id = {s.run_id: run(s) for s in seed_major}
+        main = {m: [by_id[s.run_id] for s in runs] for m, runs in main_specs.items()}
+        studies = {}
+        for name, values in self.study_specs(self.chosen_lr).items():
+            rows = [(label, [run(s) for s in runs if keep(s)]) for label, runs in values]
+            if rows := [(label, results) for label, results in rows if results]:  # cached_only: rows with runs
+                studies[name] = rows
+        st = self.base.bench.studies
+        if st is not None and 0.0 not in st.orth_lambda and "dual_lora" in main:
+            # lambda = 0 is dual_lora: its main-table runs (at its own tuned lr) stand in for that row
+            seeds = set(st.seeds or b.seeds)
+            zero = [r for r in main["dual_lora"] if r["spec"]["seed"] in seeds]
+            for name in studies:
+                if name.endswith(": lambda"):
+                    studies[name].insert(0, ("0 (dual_lora)", zero))
+        privacy = self.run_privacy_study(self.chosen_lr, cached_only)
+        return {"main": main, "studies": studies, "privacy": privacy}
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+def write_csv(main: dict[str, list[dict]], path: str) -> None:
+    cols = ["method", "seed", "site", "eval", "balanced_accuracy", "accuracy", "auc", "best_round",
+            "final_balanced_accuracy", "bytes_per_round", "trainable_params", "wall_s", "lr", *DIAGNOSTICS]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for method, results in main.items():
+            for r in results:
+                for view in EVALS:
+                    for row in site_results(r, view):
+                        w.writerow({**row, "method": method, "seed": r["spec"]["seed"], "wall_s": r["wall_s"],
+                                    "lr": r["spec"]["lr"]})
+
+
+def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
+    lines = [f"## {title}", "",
+             "Mean ± sd over seeds. *bal. acc.*: mean over sites of each site's test balanced accuracy at its "
+             "best-validation round. *worst site*: the lowest site, per seed, averaged. Bytes: what the server "
+             "received from one site per round.", "",
+             "| method | eval | bal. acc. | worst site | accuracy | AUC | bytes / round | trainable params "
+             "| wall s / run | lr | seeds |", "|" + "---|" * 11]
+    for method, results in main.items():
+        for view in EVALS:
+            agg = aggregate(results, view)
+            if not agg:
+                continue
+            lines.append(f"| {method} | {view.replace('_', '-')} | "
+                         f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
+                         f"{_pm(agg['accuracy'])} | {_pm(agg['auc'], agg['auc_sites'], agg['total_sites'])} | {agg['bytes_per_round']:,.0f} | "
+                         f"{agg['trainable_params']:,} | {agg['wall_s']:.0f} | {bench.chosen_lr[method]:g} | "
+                         f"{agg['n_seeds']} |")
+    lines += ["", "Learning rate chosen per method on the first seed's validation balanced accuracy "
+              "(site mean of the best round):", "", "| method | " + " | ".join(
+                  f"lr {lr:g}" for lr in bench.base.bench.lr_grid) + " | chosen |",
+              "|" + "---|" * (len(bench.base.bench.lr_grid) + 2)]
+    for method, scores in bench.tuning.items():
+        lines.append(f"| {method} | " + " | ".join(f"{scores[lr]:.3f}" for lr in bench.base.bench.lr_grid)
+                     + f" | {bench.chosen_lr[method]:g} |")
+    lines += ["", rounds_line(main, bench.base.train.num_rounds), "", diagnostics_markdown(main), "", reading(main)]
+    return "\n".join(lines)
+
+
+def rounds_line(main: dict[str, list[dict]], num_rounds: int) -> str:
+    """Whether the run was long enough: how often the best-validation round is the last one."""
+    best = [int(row["best_round"]) for results in main.values() for r in results
+            for row in site_results(r, "personalized")]
+    last = sum(b == num_rounds for b in best)
+    mean_best = statistics.fmean(best) if best else math.nan
+    return (f"Rounds: {num_rounds}. The best-validation round is the last one for {last} of {len(best)} site runs "
+            f"({100 * last / max(len(best), 1):.0f} %); mean best round {mean_best:.1f}.")
+
+
+def diagnostics_markdown(main: dict[str, list[dict]]) -> str:
+    """Mean over seeds and sites, at each site's best-validation round, of how far apart the two adapters are."""
+    lines = ["How far apart the two adapters are at the best-validation round (mean over sites and seeds; "
+             "`diagnostics.py`): mean cos² of the principal angles between the row spaces of A_g and A_p "
+             "(overlap A) and the column spaces of B_g and B_p (overlap B), and mean cos²(u_g, u_p) on validation "
+             "(overlap u); in brackets what random subspaces of the same widths give.", "",
+             "| method | overlap A (random) | overlap B (random) | overlap u (random) |", "|---|---|---|---|"]
+    for method, results in main.items():
+        rows = [row for r in results for row in site_results(r, "personalized") if row.get("overlap_A") != ""]
+        if not rows:
+            continue
+        cells = []
+        for name in ("A", "B", "u"):
+            got = covered_mean([float(x[f"overlap_{name}"]) for x in rows])[0]
+            chance = covered_mean([float(x[f"random_{name}"]) for x in rows])[0]
+            cells.append(f"{'n/a' if math.isnan(got) else f'{got:.4f}'} ({chance:.4f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _diff_line(name_a: str, a: dict, name_b: str, b: dict) -> str:
+    diff = a["bacc"][0] - b["bacc"][0]
+    spread = _spread(a["bacc"], b["bacc"])
+    if min(a["n_seeds"], b["n_seeds"]) < 2:
+        verdict = "one seed, so no spread to judge it by: not a finding"
+    elif abs(diff) > spread:
+        verdict = "a real difference"
+    else:
+        verdict = "no difference (within twice the spread across seeds)"
+    sd_text = "" if math.isnan(spread) else f" (twice the larger sd: {spread:.3f})"
+    return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy{sd_text}: {verdict}. "
+            f"Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
+
+
+def reading(main: dict[str, list[dict]]) -> str:
+    """The comparisons the README asks for, computed from the numbers (the rule: > 2 x the seed spread)."""
+    agg = {m: aggregate(rs) for m, rs in main.items()}
+    out = ["### Reading (generated from the numbers)", ""]
+    fedopal = [m for m in ("fedopal_w", "fedopal_r", "fedopal_p") if m in agg]
+    for m in fedopal:
+        if "dual_lora" in agg:
+            out.append(_diff_line(m, agg[m], "dual_lora (lambda = 0)", agg["dual_lora"]))
+        if "fedavg_lora" in agg:
+            out.append(_diff_line(m, agg[m], "fedavg_lora", agg["fedavg_lora"]))
+    if agg:
+        ranked = sorted(agg, key=lambda m: -agg[m]["bacc"][0])
+        ranking = ", ".join(f"{m} {agg[m]['bacc'][0]:.3f}" for m in ranked)
+        out.append(f"- Ranking by mean balanced accuracy: {ranking}.")
+        for m in fedopal:
+            better = [o for o in agg if o != m and agg[o]["bacc"][0] > agg[m]["bacc"][0]]
+            worse_worst = [o for o in agg if o != m and agg[o]["worst"][0] > agg[m]["worst"][0]]
+            out.append(f"- {m} is beaten on the mean by: {', '.join(better) or 'nobody'}; "
+                       f"on the worst site by: {', '.join(worse_worst) or 'nobody'}.")
+    return "\n".join(out)
+
+
+def studies_markdown(studies: dict) -> str:
+    lines = ["# Studies", "", "Each value: mean ± sd over seeds of the site-mean test balanced accuracy "
+             "(selection on validation), and of the worst site.", ""]
+    for name, values in studies.items():
+        lines += [f"## {name}", "", "| value | bal. acc. | worst site | bytes / round |", "|---|---|---|---|"]
+        for label, results in values:
+            agg = aggregate(results)
+            lines.append(f"| {label} | {_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | {agg['bytes_per_round']:,.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _epsilon_reached(results: list[dict]) -> float:
+    """The largest epsilon any site reached (final round), the mean over seeds; inf without DP."""
+    per_seed = [max(r.get("epsilon", {}).values(), default=math.inf) for r in results]
+    return statistics.fmean(per_seed) if per_seed else math.inf
+
+
+def privacy_markdown(privacy: dict, base: FedOpalConfig) -> str:
+    ps = base.bench.privacy
+    lines = ["# Privacy study", "",
+             f"{base.name}: {base.federation.num_sites} sites, {base.train.num_rounds} rounds, {base.model.backbone} "
+             f"at {base.data.image_size}, delta {1e-5:g} (privacy.delta), class weights `{ps.class_weights}` in every "
+             "run (DP-SGD needs an unweighted per-sample loss), accountant PRV (Opacus). *update*: each site clips its "
+             f"round update to C = {ps.clip_norm_update:g} and adds Gaussian noise (a guarantee for the site's whole "
+             f"dataset); *dpsgd*: DP-SGD over every trained tensor, per-sample clip C = {ps.clip_norm_dpsgd:g}, "
+             "Poisson batches (a guarantee per patient record, add/remove). The noise is calibrated so that the last "
+             "round reaches the target epsilon; *epsilon reached* is the largest any site reported. Balanced "
+             "accuracy: site mean of each site's test value at its best-validation round, mean ± sd over seeds.", "",
+             "*final round*: the same at the last round (no selection); *round chosen*: the mean best-validation "
+             "round (1-based).", "",
+             "| method | DP mode | target epsilon | epsilon reached | bal. acc. | worst site | final round | "
+             "round chosen | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, rows in privacy.items():
+        for mode, eps, results in rows:
+            agg = aggregate(results)
+            if not agg:
+                continue
+            reached = _epsilon_reached(results)
+            rows_ = [site_results(r, "personalized") for r in results]
+            final = _final_mean(results)
+            chosen = statistics.fmean(x["best_round"] for rs in rows_ for x in rs)
+            lines.append(f"| {method} | {mode if mode != 'none' else 'no DP'} | "
+                         f"{'∞' if math.isinf(eps) else f'{eps:g}'} | {'∞' if math.isinf(reached) else f'{reached:.2f}'} | "
+                         f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
+                         f"{_pm(final)} | {chosen:.1f} | {agg['n_seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _final_mean(results: list[dict]) -> tuple[float, float]:
+    rows = [site_results(r, "personalized") for r in results]
+    return _mean_sd([covered_mean([x["final_balanced_accuracy"] for x in rs])[0] for rs in rows if rs])
+
+
+def plot_privacy(privacy: dict, path: str) -> None:
+    """Site-mean balanced accuracy against epsilon (log axis), at the best-validation round (left) and at the final
+    round (right): a line per method and mode, no DP dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, title, value in ((axes[0], "at each site's best-validation round", lambda res: aggregate(res)["bacc"]),
+                             (axes[1], "at the final round", _final_mean)):
+        for i, (method, rows) in enumerate(privacy.items()):
+            color = f"C{i}"
+            for mode, marker, style in (("update", "s", ":"), ("dpsgd", "o", "-")):
+                pts = [(eps, value(res)) for m, eps, res in rows if m == mode and res]
+                if pts:
+                    ax.errorbar([e for e, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts],
+                                fmt=marker + style, color=color, capsize=2, label=f"{method} {mode}")
+            base = [value(res) for m, _, res in rows if m == "none" and res]
+            if base:
+                ax.axhline(base[0][0], color=color, ls="--", lw=1, label=f"{method} no DP")
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (delta = 1e-5), log scale")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("site-mean test balanced accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=3, loc="lower center")
+    fig.suptitle("Accuracy against the privacy budget (update: dotted squares, dpsgd: solid circles)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_privacy(privacy: dict, base: FedOpalConfig, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "privacy.md"), "w") as f:
+        f.write(privacy_markdown(privacy, base))
+    plot_privacy(privacy, os.path.join(out_dir, "privacy.png"))
+
+
+def plot(main: dict[str, list[dict]], out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(main)
+    sites = sorted({s for rs in main.values() for r in rs for s in r["sites"]})
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(sites) * len(methods) / 3), 4))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        per_site = {s: [] for s in sites}
+        for r in main[m]:
+            for row in site_results(r, "personalized"):
+                per_site[row["site"]].append(row["balanced_accuracy"])
+        means = [np.nanmean(per_site[s]) if per_site[s] else np.nan for s in sites]
+        sds = [np.nanstd(per_site[s]) if per_site[s] else np.nan for s in sites]
+        ax.bar(np.arange(len(sites)) + i * width, means, width, yerr=sds, label=m, capsize=2)
+    ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
+    ax.set_ylabel("test balanced accuracy")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("Per-site balanced accuracy (personalized, mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "per_site.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in methods:
+        curves = np.array([curve(r) for r in main[m]])
+        ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), "-o", label=m, markersize=3)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("site-mean test balanced accuracy")
+    ax.set_title("Balanced accuracy against rounds (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "rounds.png"), dpi=120)
+    plt.close(fig)
+
+
+# -- "Which method for my consortium?": the guide across federations ------------------------------------------
+
+FEDOPAL = ("fedopal_w", "fedopal_r", "fedopal_p")
+
+
+def method_scores(summary_csv: str) -> dict[str, dict]:
+    """From a bench summary.csv: per method, the site-mean test balanced accuracy of the personalized view per seed
+    (undefined sites left out), and its worst site per seed."""
+    per: dict[str, dict[str, list[float]]] = {}
+    with open(summary_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["eval"] != "personalized":
+                continue
+            per.setdefault(row["method"], {}).setdefault(row["seed"], []).append(float(row["balanced_accuracy"]))
+    out = {}
+    for method, seeds in per.items():
+        means = [covered_mean(v)[0] for v in seeds.values()]
+        worst = [min((x for x in v if not math.isnan(x)), default=math.nan) for v in seeds.values()]
+        out[method] = {"bacc": _mean_sd(means), "worst": _mean_sd(worst), "n_seeds": len(means)}
+    return out
+
+
+def _verdict(diff: float, spread: float, n_seeds: int) -> str:
+    if n_seeds < 2:
+        return "one seed: not a finding"
+    return "a real difference" if abs(diff) > spread else "within twice the seed spread: no real difference"
+
+
+def guide_markdown(folders: list[str]) -> str:
+    """One row per federation: the best method, FedOPAL's best variant and its rank, the differences that exceed twice
+    the seed spread, and a plain reading, all from the committed summaries."""
+    lines = ["| federation | best method (bal. acc.) | best FedOPAL variant: rank, bal. acc. | FedOPAL vs the best | "
+             "FedOPAL vs fedavg_lora | FedOPAL vs local | worst site: best method / FedOPAL |",
+             "|---|---|---|---|---|---|---|"]
+    readings = []
+    for folder in folders:
+        name = os.path.basename(os.path.normpath(folder))
+        scores = method_scores(os.path.join(folder, "summary.csv"))
+        ranked = sorted(scores, key=lambda m: -scores[m]["bacc"][0])
+        best = ranked[0]
+        ours = max((m for m in FEDOPAL if m in scores), key=lambda m: scores[m]["bacc"][0], default=None)
+        if ours is None:
+            continue
+        cells = []
+        for other in (best, "fedavg_lora", "local"):
+            if other not in scores or other == ours:
+                cells.append("—" if other == ours else "n/a")
+                continue
+            diff = scores[ours]["bacc"][0] - scores[other]["bacc"][0]
+            spread = _spread(scores[ours]["bacc"], scores[other]["bacc"])
+            n = min(scores[ours]["n_seeds"], scores[other]["n_seeds"])
+            cells.append(f"{diff:+.3f} (one seed)" if n < 2 else
+                         f"{diff:+.3f} (2 sd {spread:.3f}{'' if abs(diff) <= spread else ', real'})")
+        lines.append(f"| {name} | {best} {_pm(scores[best]['bacc'])} | {ours}: {ranked.index(ours) + 1} of "
+                     f"{len(ranked)}, {_pm(scores[ours]['bacc'])} | " + " | ".join(cells) +
+                     f" | {scores[best]['worst'][0]:.3f} / {scores[ours]['worst'][0]:.3f} |")
+        diff = scores[ours]["bacc"][0] - scores[best]["bacc"][0]
+        spread = _spread(scores[ours]["bacc"], scores[best]["bacc"])
+        verdict = _verdict(diff, spread, min(scores[ours]["n_seeds"], scores[best]["n_seeds"]))
+        readings.append(f"- **{name}**: {best} leads ({scores[best]['bacc'][0]:.3f}); the best FedOPAL variant, "
+                        f"{ours}, is {ranked.index(ours) + 1} of {len(ranked)} "
+                        + ("and is the best method." if ours == best else
+                           f"at {diff:+.3f} ({verdict}).")
+                        + f" Order: {', '.join(ranked)}.")
+    return "\n".join(lines + ["", "Mean ± sd over seeds of the site-mean test balanced accuracy (personalized "
+                                   "view, each site at its best-validation round). A difference is called real only "
+                                   "when it exceeds twice the larger seed sd.", ""] + readings)
+
+
+def run_only(bench: Bench, study: str, cached_only: bool = False) -> int:
+    """One study alone, at the learning rates the full benchmark chose (<out>/chosen.json)."""
+    chosen = os.path.join(bench.out_dir, "chosen.json")
+    lrs = {}
+    if os.path.isfile(chosen):
+        with open(chosen) as f:
+            lrs = {m: float(v) for m, v in json.load(f)["chosen_lr"].items()}
+    if study == "privacy":
+        privacy = bench.run_privacy_study(lrs, cached_only)
+        write_privacy(privacy, bench.base, bench.out_dir)
+        print(privacy_markdown(privacy, bench.base))
+        print(f"written: {bench.out_dir}/privacy.md, privacy.png")
+        return 0
+    studies = {k: v for k, v in bench.study_specs(lrs).items() if k.endswith(": quantization")}
+    total = sum(len(runs) for values in studies.values() for _, runs in values)
+    results = {name: [(label, [bench.run(s, total) for s in runs]) for label, runs in values]
+               for name, values in studies.items()}
+    text = studies_markdown(results).replace("# Studies", "# Transfer quantization (NVFlare ModelQuantizer)", 1)
+    with open(os.path.join(bench.out_dir, "quantization.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="the benchmark's config (one federation)")
+    p.add_argument("--guide", nargs="+", metavar="FOLDER",
+                   help="instead of running: the 'which method' table from these finished benchmark folders")
+    p.add_argument("--quick", action="store_true", help="one seed, the first lr, no studies, 2 rounds")
+    p.add_argument("--workspace", default="workspace/bench")
+    p.add_argument("--out", help="--guide: also write the table to this markdown file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--gpus", default=None, metavar="IDS", help="GPUs for the simulated sites, as fedopal.tools.job --gpus")
+    p.add_argument("--cached-only", action="store_true",
+                   help="write the tables from the runs already finished, run nothing (a method whose tuning is "
+                        "incomplete is left out; each row says its number of seeds)")
+    p.add_argument("--only", choices=["privacy", "quantization"],
+                   help="run only that study, with the learning rates of <out>/chosen.json (else the grid's first)")
+    args = p.parse_args(argv)
+    if args.guide:
+        missing = [f for f in args.guide if not os.path.isfile(os.path.join(f, "summary.csv"))]
+        if missing:
+            print(f"error: {missing[0]}: no summary.csv. Fix: run the benchmark of that federation first "
+                  "(make bench).", file=sys.stderr)
+            return 2
+        text = "# Which method for my consortium?\n\n" + guide_markdown(args.guide) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return 0
+    if not args.config:
+        p.error("give --config (or --guide FOLDER ...)")
+    try:
+        overrides = parse_overrides(args.set)
+        if args.quick:
+            overrides.update({"bench.lr_grid": None, "bench.studies": None, "train.num_rounds": 2,
+                              "bench.out_dir": None})
+            base = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+            overrides.update({"bench.seeds": base.bench.seeds[:1], "bench.lr_grid": base.bench.lr_grid[:1],
+                              "bench.out_dir": base.bench.out_dir.rstrip("/") + "_quick"})
+        cfg = load_config(args.config, overrides)
+        check_precision(resolve_device(cfg.train.device), cfg.train.precision)
+    except (ConfigError, DeviceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
+    out_dir = cfg.bench.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    bench = Bench(cfg, out_dir, os.path.abspath(args.workspace), gpus=args.gpus)
+    if args.only:
+        return run_only(bench, args.only, args.cached_only)
+    start = time.time()
+    results = bench.execute(args.cached_only)
+    wall = time.time() - start
+    if not results["main"]:  # before anything is written: the committed tables stay as they are
+        print(f"error: {bench.runs_dir} holds no finished run these settings can use (--cached-only runs nothing). "
+              "Fix: run without --cached-only, or point bench.out_dir at the folder whose runs/ holds them.",
+              file=sys.stderr)
+        return 1
+    title = (f"{cfg.name}: {len(cfg.bench.methods)} methods, seeds {cfg.bench.seeds}, {cfg.train.num_rounds} rounds, "
+             f"{cfg.model.backbone} at {cfg.data.image_size}, {cfg.federation.num_sites} sites")
+    write_csv(results["main"], os.path.join(out_dir, "summary.csv"))
+    cpu = [v for v in bench.cpu_s.values() if not math.isnan(v)]
+    md = main_markdown(bench, results["main"], title) + (
+        f"\n\nBenchmark wall time: {wall / 60:.1f} min (this invocation). CPU time of the {len(bench.cpu_s)} runs "
+        f"behind these tables, as measured when each ran: {sum(cpu) / 3600:.2f} h"
+        + (f" ({len(bench.cpu_s) - len(cpu)} runs from before CPU time was recorded)" if len(cpu) < len(bench.cpu_s)
+           else "") + ".\n")
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(md)
+    if results["studies"]:
+        with open(os.path.join(out_dir, "studies.md"), "w") as f:
+            f.write(studies_markdown(results["studies"]))
+    with open(os.path.join(out_dir, "chosen.json"), "w") as f:
+        json.dump({"chosen_lr": bench.chosen_lr, "tuning": {m: {str(k): v for k, v in s.items()}
+                                                            for m, s in bench.tuning.items()}}, f, indent=2)
+    plot(results["main"], out_dir)
+    if results["privacy"]:
+        write_privacy(results["privacy"], cfg, out_dir)
+    print(md)
+    print(f"written: {out_dir}/summary.csv, summary.md, per_site.png, rounds.png"
+          + (", studies.md" if results["studies"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
