@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv wheel demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
+.PHONY: .venv venv wheel privacy-audit demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc clean
 
@@ -54,6 +54,15 @@ prepare-3d: data/demo_federation_3d/federation.json data/demo_federation_3d_64/f
 
 demo: prepare
 	$(FEDOPAL) job --config app_configs/demo.yaml --simulate --workspace workspace --results results/demo
+
+# What leaves a site under DP (docs/privacy.md "What leaves a site"): the demo federation with DP in update mode and
+# with DP-SGD, 2 rounds each; each run's wire audit is in results/privacy/<mode>/wire_fields.json (make docs copies it)
+PRIVACY_AUDIT_SET := --set train.num_rounds=2 --set privacy.target_epsilon=8 --set train.class_weights=none
+privacy-audit: prepare
+	$(FEDOPAL) job --config app_configs/demo.yaml --simulate --workspace workspace $(PRIVACY_AUDIT_SET) \
+		--set name=privacy_update --set privacy.mode=update --results results/privacy/update
+	$(FEDOPAL) job --config app_configs/demo.yaml --simulate --workspace workspace $(PRIVACY_AUDIT_SET) \
+		--set name=privacy_dpsgd --set privacy.mode=dpsgd --results results/privacy/dpsgd
 
 demo-3d: prepare-3d
 	$(FEDOPAL) job --config app_configs/demo_3d.yaml --simulate --workspace workspace --results results/demo_3d
@@ -113,7 +122,7 @@ wheelhouse: wheel
 	# a source-only package (pyhocon) becomes a wheel here: offline, pip could not fetch what building it needs
 	for sdist in $(WHEELHOUSE_DIR)/*.tar.gz; do [ -e "$$sdist" ] || continue; \
 		python3 -m pip wheel -q --no-deps -w $(WHEELHOUSE_DIR) "$$sdist" && rm "$$sdist"; done
-	ls $(WHEELHOUSE_DIR) | sort > wheelhouse.txt
+	ls $(WHEELHOUSE_DIR) | LC_ALL=C sort > wheelhouse.txt
 	@echo "$$(wc -l < wheelhouse.txt) files in $(WHEELHOUSE_DIR) ($$(du -sh $(WHEELHOUSE_DIR) | cut -f1)); list in wheelhouse.txt"
 
 # On a CUDA machine (README "GPU"): the bare loop vs the site loop on ViT-B/16 at 224^2, and a 2-site simulator job;
@@ -160,8 +169,10 @@ latejoin: $(STAMP)
 # console-transcript) into docs/results and docs/perf, then regenerate the README's tables and docs/configuration.md.
 # tests/test_docs.py fails when they drift.
 docs: $(STAMP)
-	mkdir -p docs/results/demo docs/results/demo_3d docs/results/poc docs/results/latejoin
-	[ ! -f results/demo/summary.md ] || cp results/demo/summary.md results/demo/summary.json docs/results/demo/
+	mkdir -p docs/results/demo docs/results/demo_3d docs/results/poc docs/results/latejoin docs/results/privacy
+	[ ! -f results/demo/summary.md ] || cp results/demo/summary.md results/demo/summary.json results/demo/wire_fields.json docs/results/demo/
+	for mode in update dpsgd; do [ ! -f results/privacy/$$mode/wire_fields.json ] || \
+		(mkdir -p docs/results/privacy/$$mode && cp results/privacy/$$mode/summary.md results/privacy/$$mode/wire_fields.json docs/results/privacy/$$mode/); done
 	[ ! -f results/demo_3d/summary.md ] || cp results/demo_3d/summary.md results/demo_3d/summary.json docs/results/demo_3d/
 	[ ! -f workspace/poc/results/report.md ] || cp workspace/poc/results/report.md docs/results/poc/
 	[ ! -f results/latejoin/compare.md ] || (mkdir -p docs/results/latejoin/small_site && \
@@ -176,7 +187,7 @@ console-transcript: prepare
 	mkdir -p results
 	FEDOPAL_CONSOLE_TRANSCRIPT=$(CURDIR)/results/console_transcript.txt $(PY) -m pytest -q tests/test_admin_console.py
 
-# regenerate every committed job folder (tests/test_jobs.py fails on drift)
+# regenerate every committed job folder, both flavors (tests/test_jobs.py fails on drift)
 export: $(STAMP)
 	$(FEDOPAL) job --config app_configs/demo.yaml --export jobs
 	$(FEDOPAL) job --config app_configs/demo_3d.yaml --export jobs

@@ -9,7 +9,9 @@
     python poc_setup/poc.py stop                        # returns when every POC process is gone
     python poc_setup/poc.py clean
     python poc_setup/poc.py run jobs/fedopal_demo       # prepare .. stop in one go (`make poc`); always stops
-    python poc_setup/poc.py install-site-policy KIT_DIR [--policy FILE]  # a hospital's kit: privacy.json + filters
+
+A hospital installs its own policy in its kit with `fedopal site-policy KIT --policy FILE [--deny-byoc]`; `prepare`
+does it for every POC site (poc_setup/site_privacy.json) and the server (its allow-list for jobs without code).
 
 The POC is the consortium of project.yml rehearsed locally: same admins and roles, the server renamed
 `server` on localhost, the given site names, and a free port. Everything lives under --workspace (the
@@ -88,15 +90,14 @@ def poc_project(consortium: dict, sites: list[str], port: int) -> dict:
     return {**consortium, "participants": [server, *clients, *admins]}
 
 
-def install_site_policy(site_dir: str, policy: str | None = None) -> None:
-    """Site-enforced privacy for one site's startup kit (POC or provisioned): local/privacy.json (the shipped
-    site_privacy.json, or `policy`) selects the filters for scope `fedopal` (and makes it the default scope). Their
-    code is the installed fedopal runtime (fedopal.policy), not a copy."""
+def install_site_policy(kit_dir: str, policy: str | None = SITE_PRIVACY, deny_byoc: bool = False) -> None:
+    """A startup kit's own rules (fedopal.policy.install): its privacy.json (a site's; None for the server's kit),
+    the allow-list of classes a job without code may name, and optionally no bring-your-own-code at all."""
     from fedopal.policy.install import PolicyInstallError
     from fedopal.policy.install import install_site_policy as install
 
     try:
-        install(site_dir, policy or SITE_PRIVACY)
+        install(kit_dir, policy, deny_byoc)
     except PolicyInstallError as err:
         raise PocError(str(err)) from None
 
@@ -195,6 +196,7 @@ class Poc:
         poc.save()
         for site in sites:
             install_site_policy(os.path.join(poc.prod_dir, site))
+        install_site_policy(os.path.join(poc.prod_dir, POC_SERVER_NAME), None)  # its allow-list for no-code jobs
         print(f"poc: prepared {len(sites)} sites ({', '.join(sites)}) on port {port}, workspace {workspace}, "
               f"HOME {home}; site policy in <site>/local/privacy.json", flush=True)
         return poc
@@ -318,14 +320,13 @@ class Poc:
 
 
 def job_config(job_folder: str):
-    """The FedOPAL config a job folder ships (its app's custom/fedopal_job.json)."""
-    from fedopal.config import load_config
-    from fedopal.tools.job import JOB_CONFIG_NAME
+    """The FedOPAL config a job folder carries (its site executor's job_config)."""
+    from fedopal.tools.job import JobBuildError, config_of_job
 
-    configs = glob.glob(os.path.join(job_folder, "*", "custom", JOB_CONFIG_NAME))
-    if not configs:
-        raise PocError(f"{job_folder}: no */custom/{JOB_CONFIG_NAME}. Fix: give a job exported by fedopal.tools.job.")
-    return load_config(configs[0])
+    try:
+        return config_of_job(job_folder)
+    except JobBuildError as err:
+        raise PocError(str(err)) from None
 
 
 def _wait_until_gone(pids: dict[int, float], prod_dir: str, timeout_s: float) -> list[int]:
@@ -464,16 +465,9 @@ def main(argv=None) -> int:
     sp.add_argument("--timeout", type=float, default=3600.0)
     sp.add_argument("--out", default=os.path.join(DEFAULT_ROOT, "results"), help="download folder")
     sp.add_argument("--gpus", type=int, nargs="+", help=gpu_help)
-    sp = sub.add_parser("install-site-policy", help="install privacy.json and the site filters in a site's kit")
-    sp.add_argument("site_kit", help="the site's startup kit folder (holds startup/ and local/)")
-    sp.add_argument("--policy", help="a privacy.json of the site's own (default: poc_setup/site_privacy.json)")
     args = p.parse_args(argv)
 
     try:
-        if args.command == "install-site-policy":
-            install_site_policy(args.site_kit, args.policy)
-            print(f"installed {args.site_kit}/local/privacy.json")
-            return 0
         sites = None
         if args.command in ("prepare", "run"):
             sites = args.sites or [f"site-{i + 1}" for i in range(args.num_sites)]

@@ -1,11 +1,10 @@
 """Server aggregation over shared keys only, with update validation."""
 
 import numpy as np
-import torch
 import pytest
 from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 
-from fedopal.server.aggregator import SharedKeyAggregator, validate_update
+from fedopal.server.aggregator import validate_update
 from fedopal.server.global_model import expected_spec
 
 from conftest import server_side, tiny_config

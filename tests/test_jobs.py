@@ -111,3 +111,69 @@ def test_site_names_and_num_sites_cannot_disagree(tmp_path, capsys):
                      "federation.site_names=[a, b]", "--export", str(tmp_path)]) == 2
     assert "federation.num_sites is 4 but federation.site_names lists 2 sites" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+SERVER_SIDE = r"""
+import importlib, json, sys
+import numpy as np
+
+def build(node):
+    # what FLARE's configurator does with a job config: a dict naming a class path is built, its args first
+    if isinstance(node, dict):
+        path = node.get("path") or node.get("class_path")
+        args = {k: build(v) for k, v in node.get("args", {}).items()} if path else None
+        if path:
+            module, name = path.rsplit(".", 1)
+            return getattr(importlib.import_module(module), name)(**args)
+        return {k: build(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [build(v) for v in node]
+    return node
+
+server = json.load(open(sys.argv[1]))
+controller = build(server["workflows"][0])
+persistor = build(next(c for c in server["components"] if c["id"] == "persistor"))
+build(next(c for c in server["components"] if c["id"] == "fedopal_wire_recorder"))
+shared = persistor.model.state_dict()
+aggregator = controller.aggregator
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+for site, fill in (("a", 1.0), ("b", 3.0)):
+    aggregator.accept_model(FLModel(params={k: np.full(tuple(v.shape), fill, np.float32) for k, v in shared.items()},
+                                    params_type=ParamsType.DIFF, meta={"client_name": site}))
+mean = aggregator.aggregate_model()
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("peft", "monai", "transformers", "efficientnet_lite_pytorch")
+                or m.startswith(("fedopal.model", "fedopal.site")))
+print(json.dumps({"keys": sorted(shared), "mean": sorted({float(v.flat[0]) for v in mean.params.values()}),
+                  "loaded": loaded}))
+"""
+
+
+def test_the_server_side_of_a_job_runs_without_the_foundation_model(tmp_path):
+    """The job's server components, built from its exported config as FLARE builds them, in a fresh process, with the
+    model's checkpoint deleted: they load the shared tensors the job carries, average updates, and import no model
+    code (no peft, MONAI or transformers)."""
+    import torch
+
+    from fedopal.model.adapters import build_model
+    from fedopal.specs.methods import get_method
+
+    from conftest import tiny_config
+
+    cfg = tiny_config().model_copy(deep=True)
+    checkpoint = tmp_path / "backbone.pt"  # the foundation model: at the sites, not on the server
+    from fedopal.model.backbones import build_backbone
+
+    torch.save(build_backbone(cfg).module.net.state_dict(), checkpoint)  # MONAI ViT's own keys
+    cfg.model.checkpoint = str(checkpoint)
+    cfg.train.method = "fedopal_w"
+    cfg.federation.aggregation_weights = "equal"
+    job = export_both(cfg, str(tmp_path / "jobs"))[0]
+    expected = sorted(build_model(cfg, get_method("fedopal_w", cfg.model.head)).shared_state())
+    checkpoint.unlink()
+    proc = subprocess.run([sys.executable, "-c", SERVER_SIDE, os.path.join(job, "app", "config",
+                                                                          "config_fed_server.json")],
+                          capture_output=True, text=True, env=dict(os.environ), cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["keys"] == expected and out["mean"] == [2.0]  # equal weights: (1 + 3) / 2
+    assert out["loaded"] == []

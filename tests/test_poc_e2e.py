@@ -1,21 +1,21 @@
-"""FedOPAL on a real FLARE deployment in POC mode: a provisioned server and 2 sites, jobs submitted headlessly.
+"""FedOPAL on a real FLARE deployment in POC mode: a provisioned server and 3 sites, jobs submitted headlessly.
 
-One POC (scratch HOME, workspace under tmp_path, a free port) serves every slow test here. It runs two jobs:
-- the tiny job as exported, submitted with the FLARE API (what an admin script does);
-- a privacy job submitted with `nvflare job submit`, whose site script sends its personal tensors and which carries
-  no result filter of its own: only the sites' local/privacy.json stands between those tensors and the server.
-The teardown stops the POC and fails if any of its processes, recorded by pid while it ran, is still alive.
+One POC (scratch HOME, workspace under tmp_path, a free port) serves every slow test here; `poc_run` says which
+site has which policy and which four jobs it runs (no-code, code-shipping at a site that denies bring-your-own-code,
+a leaking site script held back by the site's own policy, a version mismatch). The teardown stops the POC and fails
+if any of its processes, recorded by pid while it ran, is still alive.
 """
 
 import contextlib
 import glob
-import importlib.util
+import importlib
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import psutil
@@ -133,16 +133,42 @@ def test_installed_dp_policy_clips_and_noises_the_update(tmp_path):
     assert np.linalg.norm(out.data["backbone.x.lora_A.global.weight"]) < 40  # clipped to 1, then noised (sd 2)
 
 
-# -- one real POC: provisioned, started, two jobs, stopped -------------------------------------------
+# -- one real POC: provisioned, started, four jobs, stopped ------------------------------------------
+EXTRA = "site-3"  # connected to the POC, named in no job: it must get nothing
+
+
+def _patch_executor_arg(job, key, value):
+    path = os.path.join(job, "app", "config", "config_fed_client.json")
+    with open(path) as f:
+        client = json.load(f)
+    client["executors"][0]["executor"]["args"][key] = value
+    with open(path, "w") as f:
+        json.dump(client, f, indent=4)
+
+
 @pytest.fixture(scope="module")
 def poc_run(small_federation, tmp_path_factory):
+    """site-1: the DP site policy (clip + noise, only the global adapter, no metrics), byoc allowed.
+    site-2: the plain site policy (the global adapter and metrics), bring-your-own-code denied.
+    site-3: connected, in no job's deploy map. Jobs:
+    - plain: the no-code job for site-1 and site-2 (equal weights: site-1's policy keeps its image count home);
+    - code: the same job, code-shipping: site-2 refuses it (FLARE's BYOC check);
+    - leak: a code-shipping job for site-1 whose site script sends personal tensors and more, with no job policy;
+    - version: the no-code job for site-1, claiming another fedopal version."""
     root, _ = small_federation
     tmp = tmp_path_factory.mktemp("poc")
-    cfg = tiny_config(root, method="fedopal_w")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head": "personal"})})  # the site sends
-    plain_job = export_job(cfg, str(tmp / "jobs"))                                         # only its global adapter
-    leak_cfg = cfg.model_copy(update={"name": "fedopal_site_filter_test", "site_state_dir": str(tmp / "leak_state")})
-    leak_job = export_job(leak_cfg, str(tmp / "jobs"), site_filter_only=True, test_leak_personal=True)
+    cfg = tiny_config(root, method="fedopal_w").model_copy(deep=True)
+    cfg.model.head = "personal"  # the sites send only their global adapter
+    cfg.federation.aggregation_weights = "equal"
+    jobs = {"plain": export_job(cfg, str(tmp / "jobs"), "no-code"),
+            "code": export_job(cfg, str(tmp / "jobs"), "code")}
+    one_site = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"site_names": ["site-1"],
+                                                                                      "num_sites": 1})})
+    leak_cfg = one_site.model_copy(update={"name": "leak", "site_state_dir": str(tmp / "leak_state")})
+    jobs["leak"] = export_job(leak_cfg, str(tmp / "jobs"), "code", site_script="leaky_client.py",
+                              extra_files=(os.path.join(REPO, "tests", "leaky_client.py"),), site_policy_only=True)
+    jobs["version"] = export_job(one_site.model_copy(update={"name": "version"}), str(tmp / "jobs"), "no-code")
+    _patch_executor_arg(jobs["version"], "built_for", "0.0.1")
 
     workspace, home = str(tmp / "nvflare_poc"), str(tmp / "home")
     seen: dict[int, float] = {}  # every POC process observed: pid -> start time
@@ -157,29 +183,28 @@ def poc_run(small_federation, tmp_path_factory):
 
     deployment = None
     try:
-        deployment = poc.Poc.prepare(workspace, home, SITES)  # a free port
-        for site in SITES:  # each site's own policy: only the global adapter leaves, clipped and noised
-            poc.install_site_policy(os.path.join(deployment.prod_dir, site), poc.SITE_PRIVACY_DP)
+        deployment = poc.Poc.prepare(workspace, home, SITES + [EXTRA])  # a free port; each site's own policy
+        poc.install_site_policy(os.path.join(deployment.prod_dir, "site-1"), poc.SITE_PRIVACY_DP)
+        poc.install_site_policy(os.path.join(deployment.prod_dir, "site-2"), poc.SITE_PRIVACY, deny_byoc=True)
         deployment.start()
         record_processes()
-
-        cli = subprocess.run(
-            [sys.executable, "-m", "nvflare.cli", "job", "submit", "-j", leak_job, "--startup-kit",
-             deployment.admin_kit], env=poc.cli_env(workspace, home), capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 0, cli.stdout + cli.stderr
-        leak_id = re.search(r"job_id:\s*(\S+)", cli.stdout).group(1)
-
-        plain_id = deployment.submit(plain_job)  # the FLARE API, headless, as the project admin
-        with deployment.session() as sess:
-            status, results = {}, {}
-            for name, job_id in (("plain", plain_id), ("leak", leak_id)):
-                _, meta = sess.monitor_job_and_return_job_meta(job_id, timeout=300, poll_interval=1.0,
+        status, results, job_ids = {}, {}, {}
+        for name in ("plain", "code", "leak", "version"):
+            job_ids[name] = deployment.submit(jobs[name])  # the FLARE API, headless, as the project admin
+            if name == "version":  # the site stops the job at start; the server would wait for it: abort once said
+                log = os.path.join(deployment.prod_dir, "site-1", job_ids[name], "log.txt")
+                deadline = time.time() + 180
+                while time.time() < deadline and not (os.path.isfile(log) and "does not run it" in open(log).read()):
+                    time.sleep(1)
+                with deployment.session() as sess:
+                    sess.abort_job(job_ids[name])
+            with deployment.session() as sess:
+                _, meta = sess.monitor_job_and_return_job_meta(job_ids[name], timeout=300, poll_interval=1.0,
                                                                 cb=record_processes)
                 status[name] = meta["status"] if meta else "TIMEOUT"
-                results[name] = sess.download_job_result(job_id, str(tmp / "results"))
-        yield SimpleNamespace(poc=deployment, home=home, plain_job=plain_job, status=status, results=results,
-                              job_ids={"plain": plain_id, "leak": leak_id}, commands=commands,
-                              leak_state=str(tmp / "leak_state"))
+                results[name] = sess.download_job_result(job_ids[name], str(tmp / "results"))
+        yield SimpleNamespace(poc=deployment, home=home, jobs=jobs, status=status, results=results, job_ids=job_ids,
+                              commands=commands, leak_state=str(tmp / "leak_state"), cfg=cfg)
     finally:
         if deployment is None and os.path.isfile(os.path.join(workspace, poc.STATE_FILE)):
             deployment = poc.Poc.load(workspace)
@@ -189,14 +214,102 @@ def poc_run(small_federation, tmp_path_factory):
             assert not poc.alive(seen), f"POC processes still running after stop: {poc.alive(seen)}"
 
 
+def _site_log(poc_run, site, name):
+    path = os.path.join(poc_run.poc.prod_dir, site, poc_run.job_ids[name], "log.txt")
+    return open(path).read() if os.path.isfile(path) else ""
+
+
+def _server_log(poc_run, name):
+    return open(os.path.join(poc_run.poc.server_job_dir(poc_run.job_ids[name]), "log.txt")).read()
+
+
+def _wire(poc_run, name):
+    from fedopal.server.recorder import read_wire_log
+
+    return read_wire_log(os.path.join(poc_run.results[name], "workspace", "app_server", "fedopal_wire.jsonl"))
+
+
 @pytest.mark.slow
-def test_both_jobs_completed(poc_run):
-    assert poc_run.status == {"plain": COMPLETED, "leak": COMPLETED}
+def test_the_no_code_and_the_leak_job_completed_the_others_did_not(poc_run):
+    assert poc_run.status["plain"] == COMPLETED and poc_run.status["leak"] == COMPLETED
+    assert poc_run.status["code"] != COMPLETED and poc_run.status["version"] != COMPLETED
+
+
+@pytest.mark.slow
+def test_a_site_with_byoc_denied_runs_the_no_code_job_and_refuses_the_code_job(poc_run):
+    # the no-code job ran at site-2 to the end: its rounds in its own metrics log, its updates on the server
+    records = [json.loads(line) for line in open(os.path.join(
+        poc_run.poc.prod_dir, "site-2", "fedopal_site_state", "site-2", METRICS_FILE))]
+    assert [r["round"] for r in records if r["job"].startswith("fedopal_tiny_test@")] == [0, 1]
+    assert {r["site"] for r in _received_updates(poc_run.results["plain"])} == set(SITES)
+    # the code-shipping job was refused at site-2, in FLARE's own words, and never started there
+    logs = glob.glob(os.path.join(poc_run.poc.prod_dir, "**", "log.txt"), recursive=True)
+    refusals = [line for log in logs for line in open(log, errors="replace") if "BYOC not permitted" in line]
+    assert refusals and all(poc_run.job_ids["code"] in line or "site-2" in line for line in refusals), refusals[:3]
+    assert not os.path.isdir(os.path.join(poc_run.poc.prod_dir, "site-2", poc_run.job_ids["code"]))
+
+
+@pytest.mark.slow
+def test_the_deploy_map_is_the_sites_an_extra_connected_site_gets_nothing(poc_run):
+    with open(os.path.join(poc_run.jobs["plain"], "meta.json")) as f:
+        assert json.load(f)["deploy_map"] == {"app": ["server", *SITES]}
+    for job_id in poc_run.job_ids.values():
+        assert not os.path.exists(os.path.join(poc_run.poc.prod_dir, EXTRA, job_id))
+    assert {line["site"] for line in _wire(poc_run, "plain")} == set(SITES)
+
+
+@pytest.mark.slow
+def test_the_wire_audit_under_the_job_policy_and_each_site_policy(poc_run):
+    from fedopal.policy.install import read_policy, site_enforcer
+    from fedopal.specs.contract import WirePolicy, policy_for_job
+    from fedopal.tools.report import wire_fields
+
+    lines = _wire(poc_run, "plain")
+    job = policy_for_job(get_method("fedopal_w", "personal").shared, False)
+    for site, policy_file in (("site-1", poc.SITE_PRIVACY_DP), ("site-2", poc.SITE_PRIVACY)):
+        args = site_enforcer(read_policy(policy_file))["args"]
+        site_policy = WirePolicy(tuple(args["allow_groups"]), tuple(args["allow_fields"]), args["require_dp"])
+        mine = [line for line in lines if line["site"] == site]
+        for policy in (job, site_policy):
+            assert wire_fields(mine, policy)["violations"] == []
+        metrics = {n for line in mine for w, n in line["fields"] if w == "metric"}
+        assert bool(metrics) == (site == "site-2")  # the DP site sends no metric; the other site allows them
+    dp = [line["meta_values"] for line in lines if line["site"] == "site-1" and line["kind"] == "task_result"]
+    assert dp and all(m["fedopal_dp.source"] == "site policy" and "NUM_STEPS_CURRENT_ROUND" not in m for m in dp)
+
+
+@pytest.mark.slow
+def test_the_site_policy_alone_stops_a_leaking_site_script(poc_run):
+    lines = _wire(poc_run, "leak")
+    sent = {(w, n) for line in lines for w, n in line["fields"]}
+    assert not [n for w, n in sent if w == "tensor" and ".personal." in n]
+    assert not [n for w, n in sent if "personal_norm" in n or n.startswith("leak/")]
+    assert not [n for w, n in sent if w == "metric"] and ("meta", "NUM_STEPS_CURRENT_ROUND") not in sent
+    with open(os.path.join(poc_run.results["leak"], "job", os.listdir(os.path.join(
+            poc_run.results["leak"], "job"))[0], "app", "config", "config_fed_client.json")) as f:
+        assert "WireContractEnforcer" not in f.read()  # the job itself let everything through
+    log = _site_log(poc_run, "site-1", "leak")
+    # the site's scope filter drops the personal tensors first; its enforcer, last, everything else the script added
+    assert re.search(r"site policy \(allow global.A, global.B\): dropped \d+ tensor\(s\) .*personal\.A", log)
+    removed = [line for line in log.splitlines() if "wire contract (site policy): removed from the train result" in line]
+    assert removed and all("personal_norm" in line and "NUM_STEPS_CURRENT_ROUND" in line and "metric(s)" in line
+                           for line in removed)
+    assert "held back the fed.analytix_log_stats event 'leak/personal_norm'" in log
+
+
+@pytest.mark.slow
+def test_a_job_built_for_another_fedopal_stops_at_the_site_in_one_line(poc_run):
+    import fedopal
+
+    line = (f"fedopal {fedopal.__version__} is installed at this site, but the job was built for fedopal 0.0.1: "
+            "this site does not run it.")
+    assert line in _site_log(poc_run, "site-1", "version")
+    assert not _wire(poc_run, "version")  # nothing was sent
 
 
 @pytest.mark.slow
 def test_submitting_leaves_the_job_folder_as_exported(poc_run):
-    assert not glob.glob(os.path.join(poc_run.plain_job, "**", ".__nvfl_*"), recursive=True)  # FLARE's signatures
+    assert not glob.glob(os.path.join(poc_run.jobs["plain"], "**", ".__nvfl_*"), recursive=True)  # FLARE's signatures
 
 
 @pytest.mark.slow
@@ -211,8 +324,9 @@ def test_poc_is_isolated_on_a_free_port_with_its_own_home(poc_run):
 def test_server_site_and_job_processes_were_recorded_by_pid(poc_run):
     # What the teardown's "all gone" check covers: start.sh daemons, FLARE's server and site processes, job processes.
     commands = list(poc_run.commands.values())
-    assert sum("sub_start.sh" in c for c in commands) == 1 + len(SITES)
-    assert sum("server_train" in c for c in commands) == 1 and sum("client_train" in c for c in commands) == len(SITES)
+    assert sum("sub_start.sh" in c for c in commands) == 2 + len(SITES)
+    assert sum("server_train" in c for c in commands) == 1
+    assert sum("client_train" in c for c in commands) == len(SITES) + 1
     assert any("runner_process" in c for c in commands) and any("worker_process" in c for c in commands)
 
 
@@ -237,34 +351,15 @@ def test_personal_state_stays_in_each_site_workspace(poc_run):
 
 
 @pytest.mark.slow
-def test_site_privacy_filter_alone_stops_leaked_personal_tensors(poc_run):
-    leak_id = poc_run.job_ids["leak"]
-    (submitted,) = glob.glob(os.path.join(poc_run.results["leak"], "job", "*"))  # as the server stored it
-    with open(os.path.join(submitted, "meta.json")) as f:
-        assert json.load(f)["scope"] == PRIVACY_SCOPE
-    with open(os.path.join(submitted, "app", "config", "config_fed_client.json")) as f:
-        assert json.load(f)["task_result_filters"] == []  # the job itself lets everything through
-    received = _received_updates(poc_run.results["leak"])
-    for site in SITES:
-        sent = [json.loads(line) for line in open(os.path.join(poc_run.leak_state, site, METRICS_FILE))]
-        got = [r for r in received if r["site"] == site]
-        assert len(sent) == len(got) == 2
-        # The site script sent its personal adapter too; the server got strictly less, and no personal key.
-        assert all(s["bytes_sent"] > g["bytes"] for s, g in zip(sent, got))
-        assert all(g["accepted"] and not any(".personal." in k for k in g["keys"]) for g in got)
-        with open(os.path.join(poc_run.poc.prod_dir, site, leak_id, "log.txt")) as f:
-            assert "dropped" in f.read()  # the site policy's own log line (what it dropped, by group)
-
-
-@pytest.mark.slow
-def test_the_site_policy_noises_updates_the_job_did_not_ask_to_noise(poc_run):
-    """The plain job has no privacy settings; each site's privacy.json clips and noises its update anyway, logs
-    epsilon in the site's own log, and the server records the site policy's epsilon."""
-    with open(poc_run.plain_job + "/app/custom/fedopal_job.json") as f:
-        assert json.load(f)["privacy"]["noise_multiplier"] == 0
+def test_the_dp_site_policy_noises_updates_the_job_did_not_ask_to_noise(poc_run):
+    """The plain job has no privacy settings; site-1's privacy.json clips and noises its update anyway, logs epsilon
+    in the site's own log, and the server records the site policy's epsilon."""
+    assert not poc_run.cfg.privacy.enabled
     with open(poc.SITE_PRIVACY_DP) as f:
         args = json.load(f)["scopes"][0]["task_result_filters"][1]["args"]
-    received = _received_updates(poc_run.results["plain"])
+    received = [r for r in _received_updates(poc_run.results["plain"]) if r["site"] == "site-1"]
+    d = sum(v.numel() for v in torch.load(os.path.join(poc_run.results["plain"], "workspace", "app_server",
+                                                       "FL_global_model.pt"), weights_only=True)["model"].values())
     for r in received:
         (record,) = r["dp"]
         assert record["source"] == "site policy" and record["noise_multiplier"] == args["noise_multiplier"]
@@ -272,11 +367,7 @@ def test_the_site_policy_noises_updates_the_job_did_not_ask_to_noise(poc_run):
                                                             args["delta"]), rel=1e-9)
         # what arrived is the clipped update plus noise of sd sigma*C in every coordinate: its norm is that of the
         # noise, sqrt(d) * sigma * C, give or take the (at most C) update and the chi distribution's spread
-        d = sum(v.numel() for v in torch.load(os.path.join(poc_run.results["plain"], "workspace", "app_server",
-                                                           "FL_global_model.pt"), weights_only=True)["model"].values())
         expected = math.sqrt(d) * args["noise_multiplier"] * args["clip_norm"]
         assert abs(r["norm"] - expected) <= args["clip_norm"] + 5 * args["noise_multiplier"] * args["clip_norm"]
-    for site in SITES:
-        with open(os.path.join(poc_run.poc.prod_dir, site, poc_run.job_ids["plain"], "log.txt")) as f:
-            log = f.read()
-        assert "differential privacy (site policy)" in log and "epsilon" in log
+    log = _site_log(poc_run, "site-1", "plain")
+    assert "differential privacy (site policy)" in log and "epsilon" in log

@@ -18,6 +18,7 @@ from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 SIGMA, CLIP = 1.0, 0.5
+ALLOWED_UNDER_DP = ["personalized/test/*", "global_only/test/*"]
 
 
 def _job(root, ws, method, **sections):
@@ -30,10 +31,12 @@ def _job(root, ws, method, **sections):
 
 @pytest.fixture(scope="module")
 def update_dp_job(small_federation, tmp_path_factory):
-    """Update-mode DP, NVFlare float16 quantization and cross-site evaluation in one job."""
+    """Update-mode DP, NVFlare float16 quantization and cross-site evaluation in one job; the test metrics are allowed
+    by name (outside epsilon), so that cross-site evaluation has something to show."""
     root, _ = small_federation
     return _job(root, tmp_path_factory.mktemp("dp_update"), "fedopal_w",
-                privacy={"mode": "update", "noise_multiplier": SIGMA, "clip_norm": CLIP},
+                privacy={"mode": "update", "noise_multiplier": SIGMA, "clip_norm": CLIP,
+                         "allow_fields": ALLOWED_UNDER_DP},
                 federation={"num_sites": 2, "quantization": "float16", "cross_site_eval": True})
 
 
@@ -105,3 +108,23 @@ def test_dpsgd_sites_account_their_subsampled_steps(small_federation, tmp_path):
         server_side = [x for x in received if x["site"] == site]
         assert [x["dp"][0]["mode"] for x in server_side] == ["dpsgd", "dpsgd"]
         assert [x["epsilon"] for x in server_side] == pytest.approx([r["epsilon"] for r in records])
+        assert all(x["dp"][0]["unit"] == "image" for x in server_side)  # no patient_id column: per image
+    from test_wire_audit import audit
+
+    result = audit(job_ws, cfg)
+    assert not [f for f in result["fields"] if f["from_data"] and f["dp"] != "noised"]
+
+
+def test_under_update_dp_only_the_noised_update_and_epsilon_leave(update_dp_job):
+    from test_wire_audit import audit
+
+    cfg, job_ws = update_dp_job
+    result = audit(job_ws, cfg)
+    data_derived = {f["name"] for f in result["fields"] if f["from_data"] and f["dp"] != "noised"}
+    # no validation metric, loss, diagnostic or image count: only the test metrics the policy names
+    assert data_derived == {f"{v}/test/{m}" for v in ("personalized", "global_only")
+                            for m in ("balanced_accuracy", "accuracy", "auc")}
+    tags = {f["name"] for f in result["fields"] if f["where"] == "event_tag"}
+    assert tags == {"privacy/epsilon"} | data_derived
+    metas = {f["name"] for f in result["fields"] if f["where"] == "meta" and f["task"] == "train"}
+    assert "fedopal_dp.epsilon" in metas and not any("norm" in m and "noise" not in m for m in metas)

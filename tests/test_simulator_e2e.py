@@ -89,3 +89,11 @@ def test_the_same_seed_gives_the_same_metrics(finished_job, tmp_path):
         for a, b in zip(first[site], second[site]):
             for k in keys:
                 assert a[k] == pytest.approx(b[k], abs=1e-6, nan_ok=True), (site, a["round"], k)
+
+
+def test_the_wire_audit_finds_only_what_the_contract_allows(finished_job):
+    from test_wire_audit import audit
+
+    cfg, job_ws = finished_job
+    result = audit(job_ws, cfg)
+    assert result["messages"]["train"] == 4 and result["messages"]["event"] > 0

@@ -255,16 +255,17 @@ def test_a_failed_simulation_prints_the_sites_one_line_error_and_its_log(tmp_pat
     raw = tiny_config(tmp_path / "fed").model_dump(mode="json")
     raw["train"]["num_rounds"] = 1
     raw["site_state_dir"] = str(tmp_path / "state")
-    stale = tmp_path / "state" / "site-2" / "personal_state.pt"  # a site-start failure validate cannot see
-    stale.parent.mkdir(parents=True)
-    torch.save({"method": "fedopal_r", "round": 4, "state": {}}, stale)
+    damaged = tmp_path / "state" / "site-2" / "personal_state.pt"  # a site-start failure validate cannot see
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a torch file")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "fedopal.tools.job", "--config", str(tmp_path / "cfg.yaml"), "--simulate",
                            "--workspace", str(tmp_path / "ws")], capture_output=True, text=True, env=ENV, cwd=REPO,
                           timeout=400)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert last.startswith("error: site-2: ") and "personal_state.pt: holds the personal state" in last, last
+    assert last.startswith("error: site-2: ") and "personal_state.pt: cannot be read as a personal state" in last, last
+    assert damaged.read_bytes() == b"not a torch file"  # nothing moved or overwritten
     log = os.path.join(str(tmp_path / "ws"), raw["name"], "site-2", "log.txt")
     assert f"(log: {log})" in last and os.path.isfile(log)
     assert "Simulation failed with return code" not in proc.stderr

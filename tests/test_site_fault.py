@@ -69,7 +69,12 @@ def test_rounds_complete_without_a_dead_site_and_its_state_survives(tmp_path):
         received = [json.loads(line) for line in f]
     last_round = [r["site"] for r in received if r["round"] == 3]
     assert sorted(last_round) == ["site-1", "site-2"]
-    # the dead site's personal state is intact and loadable: it resumes from it when it rejoins
-    rejoin = SiteStore(os.path.join(state, "site-3")).resume("fedopal_w")
+    # the dead site's personal state is intact and loadable: it resumes from it when the job is resumed
+    from fedopal.config import job_dict, load_config
+    from fedopal.site.state import job_identity
+
+    identity = job_identity(job_dict(load_config(str(config))))
+    rejoin, note = SiteStore(os.path.join(state, "site-3")).open(identity, resume_round=3)
+    assert note.startswith("resumed the personal state saved at round")
     assert rejoin["round"] >= saved["round"]
     assert set(rejoin["state"]) == set(saved["state"])

@@ -115,8 +115,6 @@ def test_tracking_events_leave_only_with_an_allowed_tag():
 
 
 def test_every_field_the_site_script_writes_is_in_the_contract():
-    from fedopal.model.diagnostics import adapter_overlaps  # noqa: F401 (the names below are its keys)
-
     tags = ["train/task_loss", "train/orth_loss", "train/lr_first", "privacy/epsilon", "privacy/epsilon_site_policy",
             *METRICS, *(f"diagnostics/{k}" for k in ("overlap_A", "overlap_B", "overlap_u", "random_A", "random_B",
                                                       "random_u"))]

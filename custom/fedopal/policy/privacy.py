@@ -234,7 +234,7 @@ def epsilon_of_records(records: list[dict] | None) -> float | None:
 
 
 def main(argv=None) -> int:
-    """`python -m fedopal.policy.privacy`: epsilon for a site's settings, or the noise for a target epsilon (update mode;
+    """`fedopal privacy`: epsilon for a site's settings, or the noise for a target epsilon (update mode;
     with --sample-rate and --steps-per-round, DP-SGD). For an ethics board's question before anything runs."""
     import argparse
 

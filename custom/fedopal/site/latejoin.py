@@ -1,8 +1,8 @@
 """A hospital that joins after the federation trained: it starts from the global adapter and learns only its own part.
 
-    python -m fedopal.site.latejoin --global-model <FL_global_model.pt | a global_only export> \\
+    fedopal latejoin --global-model <FL_global_model.pt | a global_only export> \\
         --site-dir <folder with manifest.csv> --out <folder> [--config app_configs/demo.yaml] [--set KEY=VALUE]
-    python -m fedopal.site.latejoin --compare --global-model ... --site-dir ... --out results/latejoin --seeds 0 1 2
+    fedopal latejoin --compare --global-model ... --site-dir ... --out results/latejoin --seeds 0 1 2
 
 Late join is the `late_join` method spec: the global adapter (and the shared head, as a starting point) come from the
 federation; the global adapter stays frozen; the personal adapter and the head train on the site's own data. The
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
         return 2
     print(f"{site} joined: test balanced accuracy {row['bacc_personalized']:.3f} at the best validation round "
           f"{row['best_val_round']} ({row['trainable_params']:,} trained params, {row['wall_s']:.0f} s)")
-    print(f"model: {os.path.join(args.out, 'export', 'best', 'personalized')} (python -m fedopal.site.predict --model ...)")
+    print(f"model: {os.path.join(args.out, 'export', 'best', 'personalized')} (fedopal predict --model ...)")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Run an exported site model on new images or volumes: class probabilities to a CSV, metrics when labels exist.
 
-    python -m fedopal.site.predict --model <site state>/export/best/personalized --manifest site-1/manifest.csv --split test
-    python -m fedopal.site.predict --model <site state>/export/best/global_only --input scans/ --out predictions.csv
-    python -m fedopal.site.predict --model ... --input scans/ --merged        # the merged copy: no peft needed
+    fedopal predict --model <site state>/export/best/personalized --manifest site-1/manifest.csv --split test
+    fedopal predict --model <site state>/export/best/global_only --input scans/ --out predictions.csv
+    fedopal predict --model ... --input scans/ --merged        # the merged copy: no peft needed
 
 Images go through the same MONAI pipeline as in training (evaluation transforms, the backbone's normalization),
 configured by the config stored in the export. `--manifest` takes a CSV with a `path` column and optional `label`

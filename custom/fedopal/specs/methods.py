@@ -121,7 +121,7 @@ METHODS: dict[str, MethodSpec] = {
         # adapter off the global adapter's input subspace, as in fedopal_w.
         MethodSpec("late_join", ("global", "personal"), ("personal.A", "personal.B", "head"), (), "weight",
                    head="personal",
-                   description="late-joining site (python -m fedopal.site.latejoin): the federation's global adapter "
+                   description="late-joining site (fedopal latejoin): the federation's global adapter "
                                "frozen, personal adapter + head trained locally, nothing sent"),
     )
 }

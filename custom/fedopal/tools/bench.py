@@ -1,6 +1,6 @@
 """The benchmark: every method, the same federation, seeds and tuning budget, through the FLARE simulator.
 
-    python -m fedopal.tools.bench --config app_configs/bench.yaml [--quick]
+    fedopal bench --config app_configs/bench.yaml [--quick]
 
 1. Tuning: every method gets the same learning-rate grid (bench.lr_grid) on the first seed; the lr with the
    best mean over sites of the best *validation* balanced accuracy wins (test is never looked at).

@@ -1,7 +1,7 @@
 """Docs that cannot go stale: the configuration reference and the README's example outputs, generated.
 
-    python -m fedopal.tools.docs            # rewrite docs/configuration.md and the generated blocks of README.md, docs/*.md
-    python -m fedopal.tools.docs --check    # exit 1, naming what differs, if either is not what the generator gives
+    fedopal docs            # rewrite docs/configuration.md and the generated blocks of README.md, docs/*.md
+    fedopal docs --check    # exit 1, naming what differs, if either is not what the generator gives
 
 The configuration reference is read from the pydantic schema (fedopal.config: every key, type, default, allowed
 values, bounds and description). A README block is a region
@@ -89,7 +89,7 @@ def config_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str
 
 def configuration_markdown() -> str:
     lines = ["# Configuration reference", "",
-             "Generated from the schema (`custom/fedopal/config.py`) by `python -m fedopal.tools.docs`; a test fails when "
+             "Generated from the schema (`custom/fedopal/config.py`) by `fedopal docs`; a test fails when "
              "this page and the schema differ. One object, `FedOpalConfig`: YAML files in `app_configs/` are "
              "validated against it, and any key can be set on the command line with `--set KEY=VALUE`. An unknown "
              "key, a wrong type or an out-of-range value stops with one line naming the file, the key, what is "
@@ -105,7 +105,7 @@ def configuration_markdown() -> str:
 # what writes each committed result, for a block whose source is not there yet
 MAKERS = {"docs/results/demo": "make demo", "docs/results/demo_3d": "make demo-3d", "docs/results/poc": "make poc",
           "docs/results/latejoin": "make latejoin", "docs/results/console": "make console-transcript",
-          "docs/perf": "make perf", "docs/bench": "make bench"}
+          "docs/perf": "make perf", "docs/bench": "make bench", "docs/results/privacy": "make privacy-audit"}
 
 
 def _read(path: str) -> str:
@@ -155,6 +155,52 @@ def _perf_table() -> str:
     return "\n".join(lines)
 
 
+# the real runs docs/privacy.md's "What leaves a site" comes from (their wire_fields.json: tools.report.wire_fields)
+WIRE_RUNS = (("no DP", "docs/results/demo/wire_fields.json"),
+             ("DP update", "docs/results/privacy/update/wire_fields.json"),
+             ("DP-SGD", "docs/results/privacy/dpsgd/wire_fields.json"))
+_WHERE_ORDER = {"FLARE protocol": 0, "dxo_kind": 1, "tensor": 2, "meta": 3, "metric": 4, "event_tag": 5}
+_TASK_ORDER = {"train": 0, "validate": 1, "event": 2}
+
+
+def _wire_table() -> str:
+    """Every field the sites sent in the real runs of WIRE_RUNS, by task and contract entry, one column per run."""
+    runs = []
+    for label, path in WIRE_RUNS:
+        if not os.path.isfile(os.path.join(REPO, path)):
+            return _read(path)  # the "not measured yet" line, naming the command
+        runs.append((label, json.loads(_read(path))))
+    rows: dict[tuple, dict] = {}
+    for i, (_, run) in enumerate(runs):
+        for f in run["fields"]:
+            where = "FLARE protocol" if f["protocol"] else f["where"]
+            key = (f["task"], where, "" if f["protocol"] else (f["contract"] or f["name"]))
+            row = rows.setdefault(key, {"from_data": f["from_data"], "dp": f["dp"] or "",
+                                        "names": [set() for _ in runs], "messages": [0] * len(runs)})
+            row["names"][i].add(f["name"])
+            row["messages"][i] = max(row["messages"][i], f["messages"])
+
+    def cell(row, i):
+        if not row["messages"][i]:
+            return "—"
+        n = len(row["names"][i])
+        return f"✓ {row['messages'][i]}" + (f" ({n} names)" if n > 1 else "")
+
+    lines = ["| task | where | field (contract) | from data | under DP | " + " | ".join(l for l, _ in runs) + " |",
+             "|---|---|---|---|---|" + "---|" * len(runs)]
+    for key in sorted(rows, key=lambda k: (_TASK_ORDER.get(k[0], 9), _WHERE_ORDER.get(k[1], 9), k[2])):
+        task, where, name = key
+        row = rows[key]
+        shown = f"`{name}`" if name else "headers, cookies, context props (names in `FLARE_*`)"
+        lines.append(f"| {task} | {where} | {shown} | {'yes' if row['from_data'] else 'no'} | {row['dp'] or '—'} | "
+                     + " | ".join(cell(row, i) for i in range(len(runs))) + " |")
+    totals = "; ".join(f"{label}: " + ", ".join(f"{n} {task}" for task, n in sorted(run["messages"].items()))
+                       + f" messages, {len(run['violations'])} violations ({run['method']}, "
+                       f"{'no DP' if not (run['privacy'].get('noise_multiplier') or run['privacy'].get('target_epsilon')) else run['privacy']['mode']})"
+                       for label, run in runs)
+    return "\n".join(lines) + f"\n\nMessages per run: {totals}."
+
+
 BLOCKS = {
     "demo-table": lambda: _summary_table("docs/results/demo/summary.md"),
     "demo-3d-table": lambda: _summary_table("docs/results/demo_3d/summary.md"),
@@ -164,7 +210,44 @@ BLOCKS = {
     "console": lambda: "```\n" + _read("docs/results/console_transcript.txt") + "\n```",
     "perf-table": _perf_table,
     "guide": lambda: _read("docs/bench/guide.md").removeprefix("# Which method for my consortium?").strip(),
+    "wire-table": _wire_table,
 }
+
+
+# -- the README's commands, as a reader runs them ---------------------------------------------------------------
+
+# What the README test (tests/test_readme_commands.py) does not run on this machine, by the command's start, and why;
+# every other command the README shows (```bash blocks, and `.venv/bin/...` in the text) runs as written from the
+# repository after `make venv`, and must succeed.
+NOT_RUN_HERE = {
+    "make demo": "the demo itself, minutes; `make test` runs the same set-up first",
+    "make test": "the suite this test is part of",
+    "fedopal site-policy /opt/": "needs a hospital's startup kit: tests/test_site_policy.py runs it on a provisioned kit",
+    "fedopal validate --config consortium.yaml": "a consortium's own config at a hospital; the same command runs here "
+                                                 "on app_configs/demo.yaml",
+    "nvflare preflight-check": "needs a hospital's startup kit and a running server",
+    ".venv/bin/nvflare provision": "writes the consortium's kits to /secure; tests/test_poc_e2e.py provisions the same "
+                                   "project.yml on one machine (POC)",
+    ".venv/bin/fedopal predict --model <site state>": "needs a trained site's export: tests/test_predict.py runs it",
+    ".venv/bin/fedopal latejoin --global-model": "needs a finished federation: tests/test_latejoin_e2e.py runs it",
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """The shell commands a page shows: each line of its ```bash blocks (continuations joined, comments dropped) and
+    each `.venv/bin/...` span of its text."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", "", block).splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    commands += [m for m in re.findall(r"`(\.venv/bin/[^`]+)`", text) if m not in commands]
+    return commands
+
+
+def not_run_reason(command: str) -> str | None:
+    return next((why for start, why in NOT_RUN_HERE.items() if command.startswith(start)), None)
 
 
 def render_readme(text: str) -> str:
@@ -200,7 +283,7 @@ def main(argv=None) -> int:
                 with open(full, "w") as f:
                     f.write(text)
     if args.check and stale:
-        print(f"stale: {', '.join(stale)}. Fix: run `python -m fedopal.tools.docs` (or `make docs`) and commit.",
+        print(f"stale: {', '.join(stale)}. Fix: run `fedopal docs` (or `make docs`) and commit.",
               file=sys.stderr)
         return 1
     print("up to date" if not stale else f"rewrote {', '.join(stale)}")

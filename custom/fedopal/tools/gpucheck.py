@@ -1,7 +1,7 @@
 """`make gpu-check`: FedOPAL's training loop on a CUDA GPU, held to the bare loop. Nothing is downloaded.
 
-    python -m fedopal.tools.gpucheck [--hf-model DIR] [--out results/gpu]
-    python -m fedopal.tools.gpucheck --smoke     # the same code on the CPU with a tiny ViT, in seconds (make test runs it)
+    fedopal gpu-check [--hf-model DIR] [--out results/gpu]
+    fedopal gpu-check --smoke     # the same code on the CPU with a tiny ViT, in seconds (make test runs it)
 
 (a) a bare torch + peft loop (perf.bare_steps: the same model, loss, batches and autocast, and nothing else) and
 (b) the production site loop (SiteTrainer.train_round, exactly as the site script runs it), on ViT-B/16 at 224²,

@@ -255,7 +255,7 @@ def code_job_name(name: str) -> str:
     return name + CODE_SUFFIX
 
 
-def export_job(cfg: FedOpalConfig, jobs_dir: str, flavor: str = "code", **recipe_options) -> str:
+def export_job(cfg: FedOpalConfig, jobs_dir: str, flavor: str = "no-code", **recipe_options) -> str:
     """Export one flavor of the job to <jobs_dir>/<name> (no-code) or <jobs_dir>/<name>_code (code-shipping);
     returns the folder. The deploy map is the server and exactly the config's sites. recipe_options: build_recipe's
     keyword options (tests)."""
@@ -591,7 +591,7 @@ def main(argv=None) -> int:
                   f"{os.path.join(args.results, 'rounds.png')}")
         state_root = simulation_state_root(job_ws)
         print(f"site models:  {os.path.join(state_root, '<site>', 'export', 'best', 'personalized')} "
-              "(python -m fedopal.site.predict --model ...)")
+              "(fedopal predict --model ...)")
         print(f"TensorBoard:  tensorboard --logdir {os.path.join(job_ws, 'server', 'simulate_job', 'tb_events')}")
         print(f"workspace:    {job_ws}")
         print(f"wall time:    {wall:.0f} s")

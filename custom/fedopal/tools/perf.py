@@ -1,6 +1,6 @@
 """What FLARE and FedOPAL add on top of the local compute, and what a site sends: measured side by side.
 
-    python -m fedopal.tools.perf [--quick]
+    fedopal perf [--quick]
 
 (a) loop_ratio: images/s of the site training loop (SiteTrainer) / a bare torch + peft loop, same model,
     batches, data and threads.

@@ -1,7 +1,7 @@
 """Build a demo federation from a MedMNIST .npz: N sites, label skew, one "scanner" shift per site.
 
-    python -m fedopal.tools.prepare --npz data/medmnist/pneumoniamnist.npz --out data/demo_federation --sites 4
-    python -m fedopal.tools.prepare --npz data/medmnist/adrenalmnist3d.npz --out data/demo_federation_3d --skew-prior global
+    fedopal prepare --npz data/medmnist/pneumoniamnist.npz --out data/demo_federation --sites 4
+    fedopal prepare --npz data/medmnist/adrenalmnist3d.npz --out data/demo_federation_3d --skew-prior global
 
 All official splits are pooled, then every site draws its own train/val/test without replacement:
 - label skew: class proportions q ~ Dirichlet(alpha * K * prior), clipped to [min_frac, 1 - min_frac]; the

@@ -49,6 +49,64 @@ def updates_log(job_ws: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+WIRE_LOG = os.path.join("app_server", "fedopal_wire.jsonl")
+
+
+def wire_log(job_ws: str) -> list[dict]:
+    """Every message the sites sent, as the server's WireRecorder wrote it ([] where the job has none here)."""
+    path = _server_file(job_ws, WIRE_LOG)
+    if path is None:
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wire_fields(lines: list[dict], policy) -> dict:
+    """The wire audit of one job: every field the sites sent, per task, held against the wire contract and `policy`
+    (specs.contract.WirePolicy). Tensors are counted by group; FLARE's protocol fields (headers, cookies, context
+    props) by name. Returns {"messages": {task: n}, "fields": [...], "violations": [...]}, where a violation is a
+    field outside the contract or the policy, a personal tensor, or (under DP) a data-derived field that is not
+    noised and that the policy does not name."""
+    from fedopal.specs.contract import is_protocol, site_field
+    from fedopal.specs.methods import group_of
+
+    messages: dict[str, int] = {}
+    fields: dict[tuple, dict] = {}
+    violations = []
+    for line in lines:
+        task = "event" if line["kind"] == "event" else line.get("task") or "unknown"
+        messages[task] = messages.get(task, 0) + 1
+        for where, name in line["fields"]:
+            protocol = is_protocol(where, name, task)
+            field = None if protocol else site_field(where, name, task)
+            shown = name
+            if where == "tensor":
+                try:
+                    shown = group_of(name)
+                except KeyError:
+                    shown = name
+            entry = fields.setdefault((task, where, shown), {
+                "task": task, "where": where, "name": shown, "contract": field.name if field else None,
+                "protocol": protocol, "from_data": bool(field and field.from_data), "dp": field.dp if field else None,
+                "messages": 0, "sites": set()})
+            entry["messages"] += 1
+            entry["sites"].add(line.get("site"))
+            problem = None
+            if not protocol and field is None:
+                problem = "not in the wire contract"
+            elif not policy.allows(where, name, task):
+                problem = "not allowed by the policy"
+            elif where == "tensor" and shown.startswith("personal."):
+                problem = "a personal tensor"
+            if problem:
+                violations.append({"task": task, "site": line.get("site"), "where": where, "name": name,
+                                   "problem": problem})
+    rows = sorted(fields.values(), key=lambda f: (f["task"], not f["protocol"], f["where"], f["name"]))
+    for row in rows:
+        row["sites"] = sorted(s for s in row["sites"] if s)
+    return {"messages": messages, "fields": rows, "violations": violations}
+
+
 def site_epsilons(job_ws: str) -> dict[str, float]:
     """Per site, the privacy loss epsilon its last update carried (its accountant covers every round before); sites
     without differential privacy are absent."""
@@ -210,7 +268,11 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     matrix = cross_site_matrix(job_ws)
     if matrix is not None:
         lines += ["", cross_site_markdown(matrix)]
-    return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean,
+    from fedopal.specs.contract import policy_for_job
+
+    spec = get_method(cfg.train.method, cfg.model.head)
+    wire = wire_fields(wire_log(job_ws), policy_for_job(spec.shared, cfg.privacy.enabled, cfg.privacy.allow_fields))
+    return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean, "wire": wire,
             "fedopal_version": fedopal.__version__, "first_eligible_round": first + 1,
             "mean_sites": coverage,
             "worst_site": ({"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]} if worst
@@ -282,6 +344,9 @@ def write_summary(summary: dict, out_dir: str) -> None:
         plot_cross_site(summary["cross_site"], os.path.join(out_dir, "cross_site.png"),
                         f"{summary['name']}: {summary['method']}, cross-site evaluation")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "markdown"}, f, indent=2)
+        json.dump({k: v for k, v in summary.items() if k not in ("markdown", "wire")}, f, indent=2)
+    with open(os.path.join(out_dir, "wire_fields.json"), "w") as f:  # the wire audit (docs/privacy.md's table)
+        json.dump({"name": summary["name"], "method": summary["method"],
+                   "privacy": summary["config"]["privacy"], **summary["wire"]}, f, indent=1)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(summary["markdown"] + "\n")

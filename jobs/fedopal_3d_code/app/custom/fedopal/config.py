@@ -307,7 +307,7 @@ class StudiesConfig(_Section):
 
 
 class BenchConfig(_Section):
-    """`python -m fedopal.tools.bench`: every method on the same federation, seeds and tuning budget."""
+    """`fedopal bench`: every method on the same federation, seeds and tuning budget."""
 
     methods: list[str] = Field(["local", "fedavg_lora", "ffa_lora", "fedsa_lora", "dual_lora", "feddpa",
                                 "full_ft", "fedopal_w", "fedopal_r", "fedopal_p"], description="the methods compared")

@@ -202,7 +202,7 @@ def pipeline_error(err: BaseException, item) -> DataError:
                 "a pipeline step")
     root = chain[-1]
     return DataError(f"{_item_path(item) or 'an input'}: failed in {step} ({type(root).__name__}: "
-                     f"{_first_line(root)}). Fix: run python -m fedopal.site.validate --deep on this site; re-export "
+                     f"{_first_line(root)}). Fix: run fedopal validate --deep on this site; re-export "
                      "the file or remove its row.")
 
 

@@ -141,7 +141,7 @@ class SiteTrainer:
             from fedopal.policy.privacy import calibrate_noise
 
             self.sample_rate = min(1.0, batch_size / self.num_train_samples)
-            self.noise_multiplier = privacy.noise_multiplier if privacy.noise_multiplier > 0 else calibrate_noise(
+            self.noise_multiplier = privacy.noise_multiplier if privacy.target_epsilon is None else calibrate_noise(
                 privacy.target_epsilon, privacy.delta, self.sample_rate, train_cfg.num_rounds * self.steps_per_round,
                 privacy.accountant)
 

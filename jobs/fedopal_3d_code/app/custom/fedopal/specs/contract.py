@@ -79,7 +79,7 @@ SITE_FIELDS: tuple[Field, ...] = (
         ("steps", "DP-SGD steps so far"), ("accountant", "prv or rdp"),
         ("unit", "what epsilon protects: the site's whole dataset (update), a patient or an image (dpsgd)"))),
     Field("filter_history", "meta", (TRAIN,), False, "setting", "names of the NVFlare filters that changed the update"),
-    Field("processed_algorithm", "meta", (TRAIN,), False, "setting", "NVFlare quantizer: the quantization mode"),
+    Field("PROCESSED_ALGORITHM", "meta", (TRAIN,), False, "setting", "NVFlare quantizer: the quantization mode"),
     Field("quantized_flag", "meta", (TRAIN,), False, "setting", "NVFlare quantizer: the update is quantized"),
     Field("source_datatype.*", "meta", (TRAIN,), False, "setting", "NVFlare quantizer: each tensor's dtype"),
     Field("quant_state.*", "meta", (TRAIN,), True, "noised",

@@ -175,9 +175,8 @@ class WireContractEnforcer(FLComponent):
         for r in removed:
             self.dropped[r] = self.dropped.get(r, 0) + 1
         if removed and fl_ctx is not None and not quiet:
-            shown = ", ".join(removed[:6]) + (f", ... ({len(removed)} in all)" if len(removed) > 6 else "")
             self.log_warning(fl_ctx, f"wire contract ({self.source}): removed from the {task} result "
-                                     f"{'(' + why + ') ' if why else ''}{shown}")
+                                     f"{'(' + why + ') ' if why else ''}{summarize_removed(removed)}")
         return removed
 
     # -- tracking events -----------------------------------------------------------------------------------------
@@ -201,3 +200,28 @@ class WireContractEnforcer(FLComponent):
 
 
 _DROP = object()
+
+
+def summarize_removed(removed: list[str]) -> str:
+    """One line for what was removed: tensors counted by group, other fields by kind with their first names."""
+    from fedopal.specs.methods import group_of
+
+    by_where: dict[str, list[str]] = {}
+    for item in removed:
+        where, _, name = item.partition(":")
+        by_where.setdefault(where, []).append(name)
+    parts = []
+    for where, names in by_where.items():
+        if where == "tensor":
+            groups: dict[str, int] = {}
+            for name in names:
+                try:
+                    group = group_of(name.split(" ")[0])
+                except KeyError:
+                    group = "unknown"
+                groups[group] = groups.get(group, 0) + 1
+            parts.append(f"{len(names)} tensor(s) (" + ", ".join(f"{g} {n}" for g, n in sorted(groups.items())) + ")")
+        else:
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            parts.append(f"{len(names)} {where}(s) ({shown})")
+    return "; ".join(parts)

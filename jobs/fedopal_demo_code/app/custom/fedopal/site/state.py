@@ -63,9 +63,19 @@ class SiteStore:
                           self.personal_path)
 
     def load_personal(self) -> dict | None:
+        """The saved personal state, or None; StateError (one line, nothing moved) for a file this version cannot
+        read."""
         if not os.path.isfile(self.personal_path):
             return None
-        return torch.load(self.personal_path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(self.personal_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # damaged, foreign, or needing pickle: never executed, never overwritten
+            raise StateError(f"{self.personal_path}: cannot be read as a personal state ({type(err).__name__}). "
+                             "Fix: move the file away (FedOPAL reads and overwrites nothing there until then).") from None
+        if not isinstance(saved, dict) or "round" not in saved or "state" not in saved:
+            raise StateError(f"{self.personal_path}: not a personal state FedOPAL wrote (no 'round' and 'state'). "
+                             "Fix: move the file away.")
+        return saved
 
     def open(self, job: str, resume_round: int | None) -> tuple[dict | None, str]:
         """(the personal state to continue from, or None; one line saying what happened). job: job_identity(cfg);

@@ -1,6 +1,6 @@
 """Check a federation's data before any training: seconds here instead of a crash in round 7.
 
-    python -m fedopal.site.validate --config app_configs/demo.yaml [--site site-1 ...] [--deep] [--set KEY=VALUE ...]
+    fedopal validate --config app_configs/demo.yaml [--site site-1 ...] [--deep] [--set KEY=VALUE ...]
 
 For every site: the manifest (columns, labels or class names, splits, files, a file in two splits), the file format
 against data.spatial_dims, and every file decoded exactly as the site decodes it (readers.py). The rest of the
