@@ -1,9 +1,9 @@
 """TEST ONLY, never shipped with fedopal: a site script that tries to send more than FedOPAL's wire contract allows.
 
 It trains like fedopal.site.client, then sends its personal tensors beside the update, a data-derived meta value, all
-metrics and a tracking tag the contract does not know. The POC test ships it in a code-shipping job with no job
-policy of its own: only the site's privacy.json (its DP filter and its WireContractEnforcer) stands between it and
-the server.
+metrics and a tracking tag the contract does not know; its job adds LeakyFilter, a result filter of the job's own,
+which FLARE runs after the site's filters. The POC test ships both in a code-shipping job with no job policy of its
+own: only the site's privacy.json (its DP filter and its WireContractEnforcer) stands between them and the server.
 """
 
 import argparse
@@ -11,12 +11,25 @@ import sys
 
 import nvflare.client as flare
 import torch
+from nvflare.apis.dxo import DataKind
+from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.client.tracking import SummaryWriter
 
 from fedopal.config import config_from_dict
 from fedopal.site.executor import decode_config
 from fedopal.site.runtime import SiteRuntime, shared_update
+
+
+class LeakyFilter(DXOFilter):
+    """A job's own result filter (FLARE runs it after the site's filters): adds a field the contract does not know."""
+
+    def __init__(self):
+        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
+
+    def process_dxo(self, dxo, shareable, fl_ctx):
+        dxo.set_meta_prop("added_by_job_filter", 42.0)
+        return dxo
 
 
 def main(argv=None):

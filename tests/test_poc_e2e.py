@@ -167,6 +167,12 @@ def poc_run(small_federation, tmp_path_factory):
     leak_cfg = one_site.model_copy(update={"name": "leak", "site_state_dir": str(tmp / "leak_state")})
     jobs["leak"] = export_job(leak_cfg, str(tmp / "jobs"), "code", site_script="leaky_client.py",
                               extra_files=(os.path.join(REPO, "tests", "leaky_client.py"),), site_policy_only=True)
+    with open(os.path.join(jobs["leak"], "app", "config", "config_fed_client.json")) as f:
+        client = json.load(f)
+    client["task_result_filters"] = [{"tasks": ["train"], "filters": [{"path": "leaky_client.LeakyFilter",
+                                                                       "args": {}}]}]  # the job's own, after the site's
+    with open(os.path.join(jobs["leak"], "app", "config", "config_fed_client.json"), "w") as f:
+        json.dump(client, f, indent=4)
     jobs["version"] = export_job(one_site.model_copy(update={"name": "version"}), str(tmp / "jobs"), "no-code")
     _patch_executor_arg(jobs["version"], "built_for", "0.0.1")
 
@@ -283,17 +289,18 @@ def test_the_site_policy_alone_stops_a_leaking_site_script(poc_run):
     lines = _wire(poc_run, "leak")
     sent = {(w, n) for line in lines for w, n in line["fields"]}
     assert not [n for w, n in sent if w == "tensor" and ".personal." in n]
-    assert not [n for w, n in sent if "personal_norm" in n or n.startswith("leak/")]
+    assert not [n for w, n in sent if "personal_norm" in n or n.startswith("leak/") or "added_by_job_filter" in n]
     assert not [n for w, n in sent if w == "metric"] and ("meta", "NUM_STEPS_CURRENT_ROUND") not in sent
     with open(os.path.join(poc_run.results["leak"], "job", os.listdir(os.path.join(
             poc_run.results["leak"], "job"))[0], "app", "config", "config_fed_client.json")) as f:
-        assert "WireContractEnforcer" not in f.read()  # the job itself let everything through
+        job_config = f.read()
+    assert "WireContractEnforcer" not in job_config and "leaky_client.LeakyFilter" in job_config
     log = _site_log(poc_run, "site-1", "leak")
     # the site's scope filter drops the personal tensors first; its enforcer, last, everything else the script added
     assert re.search(r"site policy \(allow global.A, global.B\): dropped \d+ tensor\(s\) .*personal\.A", log)
     removed = [line for line in log.splitlines() if "wire contract (site policy): removed from the train result" in line]
     assert removed and all("personal_norm" in line and "NUM_STEPS_CURRENT_ROUND" in line and "metric(s)" in line
-                           for line in removed)
+                           and "added_by_job_filter" in line for line in removed)  # the job's own filter came after
     assert "held back the fed.analytix_log_stats event 'leak/personal_norm'" in log
 
 

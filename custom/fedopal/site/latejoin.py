@@ -30,6 +30,7 @@ from dataclasses import replace
 
 import torch
 
+import fedopal
 from fedopal.model.adapters import FedOpalModel, build_model, count_params
 from fedopal.model.backbones import BackboneError
 from fedopal.config import ConfigError, FedOpalConfig, config_with_overrides, load_config, parse_overrides
@@ -227,7 +228,7 @@ def compare(cfg: FedOpalConfig, global_path: str, site_dir: str, seeds: list[int
     summary = {"site": site, "site_dir": os.path.abspath(site_dir), "global_model": os.path.abspath(global_path),
                "global_round": round_num, "seeds": seeds, "budget": budget_text(cfg), "lr": cfg.train.lr,
                "train_images": len(datasets["train"]),
-               "results": results, "wall_s": round(time.time() - start, 1)}
+               "results": results, "wall_s": round(time.time() - start, 1), "fedopal_version": fedopal.__version__}
     summary["markdown"] = compare_table(summary, cfg)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.json"), "w") as f:

@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import fedopal
 from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.site.device import DeviceError, check_precision, resolve_device
 from fedopal.specs.methods import get_method
@@ -791,7 +792,7 @@ def main(argv=None) -> int:
         with open(os.path.join(out_dir, "studies.md"), "w") as f:
             f.write(studies_markdown(results["studies"]))
     with open(os.path.join(out_dir, "chosen.json"), "w") as f:
-        json.dump({"chosen_lr": bench.chosen_lr, "tuning": {m: {str(k): v for k, v in s.items()}
+        json.dump({"fedopal_version": fedopal.__version__, "chosen_lr": bench.chosen_lr, "tuning": {m: {str(k): v for k, v in s.items()}
                                                             for m, s in bench.tuning.items()}}, f, indent=2)
     plot(results["main"], out_dir)
     if results["privacy"]:

@@ -176,15 +176,15 @@ def _wire_table() -> str:
             where = "FLARE protocol" if f["protocol"] else f["where"]
             key = (f["task"], where, "" if f["protocol"] else (f["contract"] or f["name"]))
             row = rows.setdefault(key, {"from_data": f["from_data"], "dp": f["dp"] or "",
-                                        "names": [set() for _ in runs], "messages": [0] * len(runs)})
-            row["names"][i].add(f["name"])
+                                        "names": [0] * len(runs), "messages": [0] * len(runs)})
+            row["names"][i] += f["distinct_names"]
             row["messages"][i] = max(row["messages"][i], f["messages"])
 
-    def cell(row, i):
+    def cell(row, i, where):
         if not row["messages"][i]:
             return "—"
-        n = len(row["names"][i])
-        return f"✓ {row['messages'][i]}" + (f" ({n} names)" if n > 1 else "")
+        n = row["names"][i]
+        return f"✓ {row['messages'][i]}" + (f" ({n} {'tensors' if where == 'tensor' else 'names'})" if n > 1 else "")
 
     lines = ["| task | where | field (contract) | from data | under DP | " + " | ".join(l for l, _ in runs) + " |",
              "|---|---|---|---|---|" + "---|" * len(runs)]
@@ -193,7 +193,7 @@ def _wire_table() -> str:
         row = rows[key]
         shown = f"`{name}`" if name else "headers, cookies, context props (names in `FLARE_*`)"
         lines.append(f"| {task} | {where} | {shown} | {'yes' if row['from_data'] else 'no'} | {row['dp'] or '—'} | "
-                     + " | ".join(cell(row, i) for i in range(len(runs))) + " |")
+                     + " | ".join(cell(row, i, where) for i in range(len(runs))) + " |")
     totals = "; ".join(f"{label}: " + ", ".join(f"{n} {task}" for task, n in sorted(run["messages"].items()))
                        + f" messages, {len(run['violations'])} violations ({run['method']}, "
                        f"{'no DP' if not (run['privacy'].get('noise_multiplier') or run['privacy'].get('target_epsilon')) else run['privacy']['mode']})"

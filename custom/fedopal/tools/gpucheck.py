@@ -32,6 +32,7 @@ import time
 
 import torch
 
+import fedopal
 from fedopal.model.adapters import build_model
 from fedopal.config import config_with_overrides
 from fedopal.site.device import describe, resolve_device
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     summary["min_ratio"] = min(ratios)
     summary["target_met"] = summary["min_ratio"] >= TARGET_RATIO
     summary["wall_s"] = round(time.time() - start, 1)
+    summary["fedopal_version"] = fedopal.__version__
     print("\n" + table(summary["loops"]))
     print(f"\nlowest (b)/(a): {summary['min_ratio']:.3f} (target >= {TARGET_RATIO}: "
           f"{'met' if summary['target_met'] else 'missed'}); wall time {summary['wall_s']:.0f} s")

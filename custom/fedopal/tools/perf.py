@@ -28,6 +28,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+import fedopal
 from fedopal.model.adapters import build_model, nbytes
 from fedopal.config import FedOpalConfig, config_from_dict, load_config
 from fedopal.site.data import build_datasets, loader, site_manifest_path
@@ -344,7 +345,7 @@ def main(argv=None) -> int:
     print_targets(results)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump({**results, "fedopal_version": fedopal.__version__}, f, indent=2)
     print(f"\nwritten: {os.path.join(args.out, 'summary.json')}")
     return 0
 

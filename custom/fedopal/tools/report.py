@@ -42,11 +42,10 @@ def _server_file(job_ws: str, name: str) -> str | None:
 
 def updates_log(job_ws: str) -> list[dict]:
     """Every update the server's aggregator received (aggregator.UPDATES_LOG), [] where the job has none here."""
+    from fedopal.server.recorder import read_wire_log  # one JSON line per entry, as this log
+
     path = _server_file(job_ws, UPDATES_LOG)
-    if path is None:
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_wire_log(path) if path else []
 
 
 WIRE_LOG = os.path.join("app_server", "fedopal_wire.jsonl")
@@ -54,11 +53,10 @@ WIRE_LOG = os.path.join("app_server", "fedopal_wire.jsonl")
 
 def wire_log(job_ws: str) -> list[dict]:
     """Every message the sites sent, as the server's WireRecorder wrote it ([] where the job has none here)."""
+    from fedopal.server.recorder import read_wire_log
+
     path = _server_file(job_ws, WIRE_LOG)
-    if path is None:
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_wire_log(path) if path else []
 
 
 def wire_fields(lines: list[dict], policy) -> dict:
@@ -73,7 +71,7 @@ def wire_fields(lines: list[dict], policy) -> dict:
     messages: dict[str, int] = {}
     fields: dict[tuple, dict] = {}
     violations = []
-    for line in lines:
+    for index, line in enumerate(lines):
         task = "event" if line["kind"] == "event" else line.get("task") or "unknown"
         messages[task] = messages.get(task, 0) + 1
         for where, name in line["fields"]:
@@ -88,8 +86,9 @@ def wire_fields(lines: list[dict], policy) -> dict:
             entry = fields.setdefault((task, where, shown), {
                 "task": task, "where": where, "name": shown, "contract": field.name if field else None,
                 "protocol": protocol, "from_data": bool(field and field.from_data), "dp": field.dp if field else None,
-                "messages": 0, "sites": set()})
-            entry["messages"] += 1
+                "messages": set(), "names": set(), "sites": set()})
+            entry["messages"].add(index)
+            entry["names"].add(name)
             entry["sites"].add(line.get("site"))
             problem = None
             if not protocol and field is None:
@@ -104,6 +103,7 @@ def wire_fields(lines: list[dict], policy) -> dict:
     rows = sorted(fields.values(), key=lambda f: (f["task"], not f["protocol"], f["where"], f["name"]))
     for row in rows:
         row["sites"] = sorted(s for s in row["sites"] if s)
+        row["messages"], row["distinct_names"] = len(row["messages"]), len(row.pop("names"))
     return {"messages": messages, "fields": rows, "violations": violations}
 
 
@@ -261,11 +261,18 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
         notes.append("n/a (final): the validation split cannot rank rounds (one class), so the final round is shown.")
     if has_dp:
         p = cfg.privacy
-        notes.append(f"epsilon: each site's privacy loss after its last round at delta {p.delta:g} (privacy.mode "
-                     f"{p.mode}, {p.accountant.upper()} accountant; the tightest bound among the mechanisms applied), as "
-                     "its updates told the server.")
+        units = sorted({rec.get("unit", "?") for r in updates_log(job_ws) for rec in (r.get("dp") or [])
+                        if isinstance(rec, dict)})
+        unit = {"site": "the site's whole dataset", "patient": "per patient", "image": "per image"}
+        notes.append(f"epsilon: each site's privacy loss after its last round at delta {p.delta:g}, "
+                     f"{' / '.join(unit.get(u, u) for u in units)} (privacy.mode {p.mode}, {p.accountant.upper()} "
+                     "accountant; the tightest bound among the mechanisms applied), as its updates told the server.")
     lines += ["", " ".join(notes)]
     matrix = cross_site_matrix(job_ws)
+    if matrix is not None and all(v is None for row in matrix["values"] for v in row):
+        lines += ["", "Cross-site evaluation ran; its metrics stayed at the sites (the wire policy lets no test "
+                      "metric out: differential privacy, or a site's own policy)."]
+        matrix = None
     if matrix is not None:
         lines += ["", cross_site_markdown(matrix)]
     from fedopal.specs.contract import policy_for_job
