@@ -11,7 +11,7 @@
     python poc_setup/poc.py run jobs/fedopal_demo       # prepare .. stop in one go (`make poc`); always stops
 
 A hospital installs its own policy in its kit with `fedopal site-policy KIT --policy FILE [--deny-byoc]`; `prepare`
-does it for every POC site (poc_setup/site_privacy.json) and the server (its allow-list for jobs without code).
+does it for every POC site (the shipped policy `global-only`) and the server (its allow-list for jobs without code).
 
 The POC is the consortium of project.yml rehearsed locally: same admins and roles, the server renamed
 `server` on localhost, the given site names, and a free port. Everything lives under --workspace (the
@@ -42,8 +42,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SETUP_DIR = os.path.join(REPO, "poc_setup")
 CONSORTIUM_PROJECT = os.path.join(SETUP_DIR, "project.yml")
-SITE_PRIVACY = os.path.join(SETUP_DIR, "site_privacy.json")  # only the global adapter leaves
-SITE_PRIVACY_DP = os.path.join(SETUP_DIR, "site_privacy_dp.json")  # the same, clipped and noised (an example)
+SITE_PRIVACY = "global-only"  # the site policies that ship with the runtime (fedopal/policy/sites/): only the global
+SITE_PRIVACY_DP = "global-only-dp"  # adapter leaves; the same, clipped and noised by the site
 DEFAULT_ROOT = os.path.join(REPO, "workspace", "poc")
 STATE_FILE = "fedopal_poc.json"
 POC_SERVER_NAME = "server"

@@ -17,7 +17,7 @@ SIBLINGS_APART = {("site", "server"), ("server", "site"), ("policy", "config")}
 # the site's own policy: reviewable alone, so it depends on NVFlare, NumPy and fedopal.specs only (Opacus's accountant
 # and torch, to give a torch tensor back, are imported where they are used)
 POLICY_MODULE_LEVEL = {"nvflare", "numpy", "fedopal", "__future__", "typing", "math", "re", "json", "os", "shutil",
-                       "sys", "argparse", "warnings", "fnmatch", "dataclasses"}
+                       "sys", "argparse", "warnings", "fnmatch", "dataclasses", "importlib"}
 
 
 def modules():

@@ -30,6 +30,7 @@ from fedopal.model.adapters import build_model
 from fedopal.tools.job import PRIVACY_SCOPE, export_job
 from fedopal.specs.methods import get_method
 from fedopal.policy.privacy import update_epsilon
+from fedopal.policy.install import shipped_policy
 from fedopal.site.state import METRICS_FILE, PERSONAL_FILE
 
 from conftest import REPO, tiny_config
@@ -89,7 +90,7 @@ def test_poc_refuses_repeated_site_names():
 def test_committed_job_selects_the_scope_every_site_defines():
     with open(os.path.join(REPO, "jobs", "fedopal_demo", "meta.json")) as f:
         meta = json.load(f)
-    with open(poc.SITE_PRIVACY) as f:
+    with open(shipped_policy(poc.SITE_PRIVACY)) as f:
         privacy = json.load(f)
     assert meta["scope"] == PRIVACY_SCOPE == privacy["default_scope"]
     assert [s["name"] for s in privacy["scopes"]] == [PRIVACY_SCOPE]
@@ -109,6 +110,7 @@ def _installed_filters(kit):
 def test_installed_site_policy_lets_only_the_global_adapter_leave(tmp_path, tiny_cfg):
     kit = tmp_path / "site-9"
     (kit / "local").mkdir(parents=True)
+    (kit / "startup").mkdir()
     poc.install_site_policy(str(kit))
     (site_filter,) = _installed_filters(kit)
     assert type(site_filter).__module__ == "fedopal.policy.filters"  # the installed runtime's policy package
@@ -123,6 +125,7 @@ def test_installed_site_policy_lets_only_the_global_adapter_leave(tmp_path, tiny
 def test_installed_dp_policy_clips_and_noises_the_update(tmp_path):
     kit = tmp_path / "site-9"
     (kit / "local").mkdir(parents=True)
+    (kit / "startup").mkdir()
     poc.install_site_policy(str(kit), poc.SITE_PRIVACY_DP)
     allow, dp = _installed_filters(kit)
     assert type(dp).__module__ == "fedopal.policy.privacy" and dp.source == "site policy"
@@ -273,7 +276,7 @@ def test_the_wire_audit_under_the_job_policy_and_each_site_policy(poc_run):
     lines = _wire(poc_run, "plain")
     job = policy_for_job(get_method("fedopal_w", "personal").shared, False)
     for site, policy_file in (("site-1", poc.SITE_PRIVACY_DP), ("site-2", poc.SITE_PRIVACY)):
-        args = site_enforcer(read_policy(policy_file))["args"]
+        args = site_enforcer(read_policy(shipped_policy(policy_file)))["args"]
         site_policy = WirePolicy(tuple(args["allow_groups"]), tuple(args["allow_fields"]), args["require_dp"])
         mine = [line for line in lines if line["site"] == site]
         for policy in (job, site_policy):
@@ -362,7 +365,7 @@ def test_the_dp_site_policy_noises_updates_the_job_did_not_ask_to_noise(poc_run)
     """The plain job has no privacy settings; site-1's privacy.json clips and noises its update anyway, logs epsilon
     in the site's own log, and the server records the site policy's epsilon."""
     assert not poc_run.cfg.privacy.enabled
-    with open(poc.SITE_PRIVACY_DP) as f:
+    with open(shipped_policy(poc.SITE_PRIVACY_DP)) as f:
         args = json.load(f)["scopes"][0]["task_result_filters"][1]["args"]
     received = [r for r in _received_updates(poc_run.results["plain"]) if r["site"] == "site-1"]
     d = sum(v.numel() for v in torch.load(os.path.join(poc_run.results["plain"], "workspace", "app_server",

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedopal.policy.install import FEDOPAL_JOB_CLASSES, NOT_ALLOWED
+from fedopal.policy.install import FEDOPAL_JOB_CLASSES, NOT_ALLOWED, shipped_policy
 from fedopal.tools.job import export_job
 
 from conftest import REPO, tiny_config
@@ -35,11 +35,10 @@ def site_policy(*args):
 
 def test_a_hospital_installs_its_policy_allow_list_and_no_byoc(kits):
     kit = os.path.join(kits, "hospital-a")
-    proc = site_policy(kit, "--policy", os.path.join(REPO, "poc_setup", "site_privacy.json"), "--deny-byoc")
+    proc = site_policy(kit, "--policy", "global-only", "--deny-byoc")
     assert proc.returncode == 0, proc.stderr
     local = os.path.join(kit, "local")
-    assert json.load(open(os.path.join(local, "privacy.json"))) == json.load(open(
-        os.path.join(REPO, "poc_setup", "site_privacy.json")))
+    assert json.load(open(os.path.join(local, "privacy.json"))) == json.load(open(shipped_policy("global-only")))
     resources = json.load(open(os.path.join(local, "resources.json")))
     default = json.load(open(os.path.join(local, "resources.json.default")))
     assert set(FEDOPAL_JOB_CLASSES) <= set(resources["class_allow_list"])
@@ -64,16 +63,53 @@ def test_the_server_kit_gets_the_allow_list_only(kits):
     assert resources.get("allow_log_streaming") is not False  # the server keeps its own setting
 
 
-def test_a_policy_with_a_typo_is_refused_in_one_line_and_nothing_is_written(kits, tmp_path):
+def _typo(path, edit):
+    policy = json.load(open(shipped_policy("global-only")))
+    edit(policy)
+    with open(path, "w") as f:
+        json.dump(policy, f)
+    return str(path)
+
+
+TYPOS = {
+    "unknown tensor group": lambda p: p["components"][0]["args"].update(allow_groups=["global.a"]),
+    "no class 'fedopal.policy.enforcer.WireContractEnforcr'": lambda p: p["components"][0].update(
+        path="fedopal.policy.enforcer.WireContractEnforcr"),
+    "no class 'fedopal.policy.filters.TensorGroupFiltr'": lambda p: p["scopes"][0]["task_result_filters"][0].update(
+        path="fedopal.policy.filters.TensorGroupFiltr"),
+    "unknown key(s) ['component']": lambda p: p.update(component=p.pop("components")),
+    "unexpected keyword argument 'alow'": lambda p: p["scopes"][0]["task_result_filters"][0].update(
+        args={"alow": ["global.A"]}),
+    "default_scope 'fedopl' names no scope": lambda p: p.update(default_scope="fedopl"),
+    "require_dp must be true or false": lambda p: p["components"][0]["args"].update(require_dp="false"),
+}
+
+
+@pytest.mark.parametrize("needle", TYPOS)
+def test_a_policy_with_a_typo_is_refused_in_one_line_and_nothing_is_written(kits, tmp_path, needle):
     kit = os.path.join(kits, "hospital-b")
-    policy = json.load(open(os.path.join(REPO, "poc_setup", "site_privacy.json")))
-    policy["components"][0]["args"]["allow_groups"] = ["global.a"]
-    bad = tmp_path / "privacy.json"
-    bad.write_text(json.dumps(policy))
-    proc = site_policy(kit, "--policy", str(bad))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown tensor group" in proc.stderr
-    assert "Traceback" not in proc.stderr and not os.path.exists(os.path.join(kit, "local", "privacy.json"))
-    assert site_policy(os.path.join(kits, "no-such-kit"), "--policy", str(bad)).returncode == 2
+    before = sorted(os.listdir(os.path.join(kit, "local")))
+    proc = site_policy(kit, "--policy", _typo(tmp_path / "privacy.json", TYPOS[needle]), "--deny-byoc")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and sorted(os.listdir(os.path.join(kit, "local"))) == before
+
+
+def test_not_a_kit_an_admin_kit_or_options_on_the_server_kit_are_refused_and_nothing_is_written(kits):
+    assert site_policy(os.path.join(kits, "no-such-kit"), "--policy", "global-only").returncode == 2
+    admin = os.path.join(kits, "admin@coordinator.example.org")
+    before = sorted(os.listdir(os.path.join(admin, "local"))) if os.path.isdir(os.path.join(admin, "local")) else None
+    proc = site_policy(admin, "--policy", "global-only", "--deny-byoc")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    after = sorted(os.listdir(os.path.join(admin, "local"))) if os.path.isdir(os.path.join(admin, "local")) else None
+    assert after == before
+    server = site_policy(os.path.join(kits, "fedopal-server.example.org"), "--deny-byoc")
+    assert server.returncode == 2 and "server's kit" in server.stderr
+
+
+def test_deny_byoc_alone_on_a_site_still_turns_log_streaming_off(kits):
+    kit = os.path.join(kits, "hospital-d")
+    assert site_policy(kit, "--deny-byoc").returncode == 0
+    assert json.load(open(os.path.join(kit, "local", "resources.json")))["allow_log_streaming"] is False
 
 
 @pytest.mark.parametrize("overrides", [{}, {"privacy": {"noise_multiplier": 1.0}},

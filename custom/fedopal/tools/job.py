@@ -21,7 +21,7 @@ Two flavors of the same job:
 
 `--sites` is the deploy map: the exported job deploys to the server and exactly those sites.
 The job asks for the privacy scope PRIVACY_SCOPE: a site whose local/privacy.json defines it applies its own
-result filters first and its own wire-contract enforcer last (poc_setup/site_privacy.json).
+result filters first and its own wire-contract enforcer last (`fedopal site-policy`).
 """
 
 from __future__ import annotations
