@@ -53,7 +53,12 @@ class WireContractEnforcer(FLComponent):
     def __init__(self, allow_groups: list[str] = ("global.A", "global.B"), allow_fields: list[str] = (),
                  require_dp: bool = False, source: str = "site policy"):
         super().__init__()
-        self.policy = WirePolicy(tuple(allow_groups), tuple(allow_fields), bool(require_dp))
+        for name, value in (("allow_groups", allow_groups), ("allow_fields", allow_fields)):
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of names, got {value!r}")
+        if not isinstance(require_dp, bool):
+            raise ValueError(f"require_dp must be true or false (JSON booleans), got {require_dp!r}")
+        self.policy = WirePolicy(tuple(allow_groups), tuple(allow_fields), require_dp)
         self.allow_groups = list(allow_groups)
         self.allow_fields = list(allow_fields)
         self.require_dp = bool(require_dp)
