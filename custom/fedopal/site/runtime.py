@@ -65,10 +65,6 @@ class SiteRuntime:
     def model(self):
         return self.trainer.model
 
-    @property
-    def is_main(self) -> bool:
-        return self.ctx is None or self.ctx.is_main
-
     @classmethod
     def start(cls, cfg: FedOpalConfig, site_name: str | None, ctx, resume_round: int | None, job_id: str | None):
         """Once per job: data, model, trainer, state. site_name: FLARE's (rank 0 only; the others are told)."""
