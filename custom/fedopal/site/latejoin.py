@@ -178,7 +178,8 @@ def site_data(cfg: FedOpalConfig, site_dir: str, train_limit: int | None = None)
     if train_limit:
         samples = limit_train(samples, train_limit)
     probe = build_model(cfg, get_method("local"))  # the backbone's input channels and normalization
-    return manifest, build_datasets(cfg.data, samples, probe.in_channels, probe.normalization, manifest)
+    data_cfg = cfg.data.for_site(os.path.basename(os.path.normpath(site_dir)))  # the site's own decoding, if set
+    return manifest, build_datasets(data_cfg, samples, probe.in_channels, probe.normalization, manifest)
 
 
 def export_global_model(cfg: FedOpalConfig, tensors: dict, round_num: int | None, folder: str, source: str) -> str:

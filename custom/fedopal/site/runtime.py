@@ -70,6 +70,8 @@ class SiteRuntime:
         """Once per job: data, model, trainer, state. site_name: FLARE's (rank 0 only; the others are told)."""
         site = distributed.broadcast(site_name, ctx)
         main = ctx is None or ctx.is_main
+        job = job_identity(job_dict(cfg))  # the job's, the same at every site
+        cfg = cfg.model_copy(update={"data": cfg.data.for_site(site)})  # this site's own decoding (data.sites)
         spec = get_method(cfg.train.method, cfg.model.head)
         device = resolve_device(cfg.train.device, ctx.local_rank if ctx else None)
         check_precision(device, cfg.train.precision)
@@ -82,7 +84,7 @@ class SiteRuntime:
         dpsgd = cfg.privacy.enabled and cfg.privacy.mode == "dpsgd"
         trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device, ctx,
                               privacy=cfg.privacy if dpsgd else None, patient_of=patient_index(samples))
-        run = cls(cfg, site, ctx, trainer, policy=job_policy(cfg), job=job_identity(job_dict(cfg)))
+        run = cls(cfg, site, ctx, trainer, policy=job_policy(cfg), job=job)
         state, note = None, ""
         if main:
             folder = resolve_path(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state"))

@@ -46,7 +46,7 @@ TINY_VIT = {"patch_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_layers": 2, 
 def _site(cfg: FedOpalConfig, site: str):
     samples = check_site(cfg, site)
     model = build_model(cfg, get_method(cfg.train.method, cfg.model.head), site)
-    datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization,
+    datasets = build_datasets(cfg.data.for_site(site), samples, model.in_channels, model.normalization,
                               site_manifest_path(cfg, site), cfg.train.seed)
     return model, datasets
 
