@@ -77,7 +77,98 @@ def test_unlabelled_folder_gets_probabilities_and_no_metrics(site_export, tmp_pa
     assert main(["--model", views["personalized"], "--input", str(tmp_path / "scans"), "--out", str(out)]) == 0
     rows = read_rows(out)
     assert len(rows) == len(os.listdir(scans)) and list(rows[0]) == ["path", "prediction", "prob_0", "prob_1"]
-    assert "balanced accuracy" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "balanced accuracy" not in printed
+    n = len(rows)
+    assert f"{n + 1} files: {n} predicted, 1 skipped (1 not an image), listed in {tmp_path / 'pred.skipped.csv'}" \
+        in printed
+    assert [r["path"] for r in read_rows(tmp_path / "pred.skipped.csv")] == [str(tmp_path / "scans" / "notes.txt")]
+
+
+def _pacs_export(folder, pngs):
+    """What a PACS export looks like: a DICOMDIR and one suffixless DICOM file per image in PT*/ST*/SE*/ folders
+    (pydicom's FileSet writes both), the pixels of `pngs`; plus the clutter a real folder holds."""
+    from PIL import Image
+    from pydicom import dcmread
+    from pydicom.fileset import FileSet
+
+    from dicomgen import write_dicom
+
+    staging, fs = folder.parent / "staging", FileSet()
+    staging.mkdir()
+    for k, png in enumerate(pngs):
+        path = write_dicom(staging / f"{k}.dcm", np.asarray(Image.open(png)), instance=k + 1)
+        ds = dcmread(path)
+        ds.PatientID, ds.StudyDate, ds.StudyTime, ds.StudyID, ds.SeriesNumber = f"P{k}", "20260101", "120000", "1", 1
+        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
+        fs.add(ds)
+    fs.write(folder)
+    (folder / "empty.dcm").write_bytes(b"")
+    (folder / "README.txt").write_text("exported by the PACS")
+    (folder / "broken.dcm").write_bytes((staging / "0.dcm").read_bytes()[:400])  # cut in the header
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.startswith("IM"))
+
+
+def test_pacs_folder_predicts_suffixless_dicom_and_lists_every_other_file(site_export, tmp_path, capsys):
+    """Suffixless DICOM files are found by their content and predicted as their PNGs are; the DICOMDIR, the empty
+    file, the note and the file that fails to decode are each listed with a reason, and the rest still predicted."""
+    from pydicom import dcmread
+
+    views, _, site_dir = site_export
+    pngs = sorted((site_dir / "images").iterdir())[:3]
+    images = _pacs_export(tmp_path / "export", pngs)
+    out = tmp_path / "predictions.csv"
+    assert main(["--model", views["personalized"], "--input", str(tmp_path / "export"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if " files: " in line)  # the kinds are readers' words
+    assert line.startswith("7 files: 3 predicted, 4 skipped (1 DICOMDIR, 1 empty file, 1 ")
+    assert line.endswith(f", 1 unreadable), listed in {tmp_path / 'predictions.skipped.csv'}")
+    skipped = {os.path.basename(r["path"]): r["reason"] for r in read_rows(tmp_path / "predictions.skipped.csv")}
+    assert set(skipped) == {"DICOMDIR", "empty.dcm", "README.txt", "broken.dcm"}
+    assert "DICOMDIR" in skipped["DICOMDIR"] and "0 bytes" in skipped["empty.dcm"]
+    assert "DICOM" in skipped["broken.dcm"] and "Fix:" in skipped["broken.dcm"]  # the decoder's own one line
+
+    rows = read_rows(out)  # joined back by the identifiers pydicom reads from each file
+    assert list(rows[0])[:5] == ["path", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"]
+    assert [r["path"] for r in rows] == [str(p) for p in images]
+    for row, image in zip(rows, images):
+        ds = dcmread(image)
+        assert (row["SOPInstanceUID"], row["StudyInstanceUID"], row["SeriesInstanceUID"], row["PatientID"]) == (
+            ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID)
+    # the same pixels as PNG files: the same probabilities
+    assert main(["--model", views["personalized"], "--input", *map(str, pngs), "--out", str(tmp_path / "png.csv")]) == 0
+    by_patient = {r["PatientID"]: float(r["prob_1"]) for r in rows}
+    from_png = [float(r["prob_1"]) for r in read_rows(tmp_path / "png.csv")]
+    np.testing.assert_allclose([by_patient[f"P{k}"] for k in range(3)], from_png, atol=1e-5)
+    assert "PatientID" not in read_rows(tmp_path / "png.csv")[0]
+
+
+def test_dicom_ids_of_a_series_folder_are_the_series_and_no_sop(tmp_path):
+    from pydicom import dcmread
+
+    from dicomgen import write_series
+    from fedopal.site.predict import dicom_ids
+
+    folder = write_series(tmp_path / "series", np.zeros((8, 8, 4), np.uint16))
+    ds = dcmread(next(p for p in (tmp_path / "series").iterdir()))
+    assert dicom_ids(folder) == {"SOPInstanceUID": "", "StudyInstanceUID": ds.StudyInstanceUID,
+                                 "SeriesInstanceUID": ds.SeriesInstanceUID, "PatientID": ds.PatientID}
+    (tmp_path / "a.png").write_bytes(b"")
+    assert dicom_ids(str(tmp_path / "a.png")) is None
+
+
+def test_nothing_predictable_is_one_line_and_keeps_previous_predictions(site_export, tmp_path, capsys):
+    views, _, _ = site_export
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "predictions.csv"
+    out.write_text("earlier results\n")
+    assert main(["--model", views["personalized"], "--input", str(tmp_path / "in"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none of the 2 files can be predicted (" in err and "Fix:" in err
+    assert out.read_text() == "earlier results\n"
+    assert len(read_rows(tmp_path / "predictions.skipped.csv")) == 2
 
 
 def test_predict_reads_3d_volumes(tmp_path):
