@@ -487,10 +487,34 @@ def _dicom_dataset(path: str, headers_only: bool = False):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, force=True, stop_before_pixels=headers_only)
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=headers_only)
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise DataError(f"{path}: corrupt or truncated DICOM ({type(err).__name__}: {_first_line(err)}). "
                         "Fix: copy the file again from its source, or remove its row.") from None
+    cut = _cut_short(ds, path)
+    if cut:
+        raise DataError(f"{path}: {cut}. Fix: copy the file again from its source, or remove its row.")
+    return ds
+
+
+def _cut_short(ds, path: str) -> str | None:
+    """pydicom reads a cut file without a word: it keeps a last element whose value the file no longer holds (and drops
+    a cut element header). A last element ending past the end of the file is a truncated file; pixel data is counted
+    in bytes by _check_dicom."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    if not len(ds):
+        return "an empty DICOM data set (nothing after its file meta: truncated?)"
+    tag = list(ds.keys())[-1]
+    item = ds.get_item(tag)
+    tell, length = getattr(item, "value_tell", None), getattr(item, "length", None)
+    meta = getattr(ds, "file_meta", None)
+    deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian  # offsets inflated
+    if tell is None or length in (None, 0xFFFFFFFF) or deflated or tag.group == 0x7FE0:
+        return None
+    size = os.path.getsize(path)
+    return f"truncated DICOM (its element {tag} ends at byte {tell + length:,}, the file at {size:,})" \
+        if tell + length > size else None
 
 
 def _transfer_syntax(ds):
@@ -521,8 +545,9 @@ def _check_dicom(ds, name: str) -> None:
     if odd:
         raise DataError(f"{name}: {odd[0]}. Fix: {odd[1]}.")
     if not any(k in ds for k in PIXEL_KEYWORDS):
-        raise DataError(f"{name}: a DICOM file without pixel data ({_sop_name(_sop_class(ds))}). "
-                        "Fix: list image files only (remove reports, structured reports, DICOMDIR).")
+        raise DataError(f"{name}: a DICOM file without pixel data ({_sop_name(_sop_class(ds))}; a header-only "
+                        "export, or a file cut before its pixels). Fix: list image files only (remove reports, "
+                        "structured reports, DICOMDIR).")
     missing = [k for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation") if ds.get(k) in (None, "")]
     if missing:
         raise DataError(f"{name}: pixel data without {', '.join(missing)}, so it cannot be interpreted. Fix: "
