@@ -80,8 +80,8 @@ def test_unlabelled_folder_gets_probabilities_and_no_metrics(site_export, tmp_pa
     printed = capsys.readouterr().out
     assert "balanced accuracy" not in printed
     n = len(rows)
-    assert f"{n + 1} files: {n} predicted, 1 skipped (1 not an image), listed in {tmp_path / 'pred.skipped.csv'}" \
-        in printed
+    assert f"{n + 1} files: {n} predicted, 1 skipped (1 not a" in printed  # readers.unsupported_reason's words
+    assert f"), listed in {tmp_path / 'pred.skipped.csv'}" in printed
     assert [r["path"] for r in read_rows(tmp_path / "pred.skipped.csv")] == [str(tmp_path / "scans" / "notes.txt")]
 
 
@@ -105,7 +105,7 @@ def _pacs_export(folder, pngs):
     fs.write(folder)
     (folder / "empty.dcm").write_bytes(b"")
     (folder / "README.txt").write_text("exported by the PACS")
-    (folder / "broken.dcm").write_bytes((staging / "0.dcm").read_bytes()[:400])  # cut in the header
+    (folder / "broken.dcm").write_bytes((staging / "0.dcm").read_bytes()[:-100])  # a DICOM whose pixels are cut
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.startswith("IM"))
 
 
@@ -219,13 +219,22 @@ BAD_INPUTS = {
                                                     _bad_manifest(t, f"path\n{_an_image(s)}\n")],
                                    "no 'split' column"),
     "unreadable image": (lambda v, s, t: ["--model", v["personalized"], "--manifest",
-                                          _bad_manifest(t, f"path\n{_fake_png(t)}\n")],
-                         "fake.png: corrupt or unreadable image"),
+                                          _bad_manifest(t, f"path\n{_cut_png(s, t)}\n")],
+                         "cut.png: corrupt or unreadable image"),
+    "not an image": (lambda v, s, t: ["--model", v["personalized"], "--manifest",
+                                      _bad_manifest(t, f"path\n{_fake_png(t)}\n")],
+                     "fake.png: not a supported image"),
 }
 
 
 def _an_image(site_dir):
     return sorted((site_dir / "images").iterdir())[0]
+
+
+def _cut_png(site_dir, tmp_path):
+    path = tmp_path / "cut.png"
+    path.write_bytes(_an_image(site_dir).read_bytes()[:60])  # the PNG signature and header, no pixels
+    return path
 
 
 def _fake_png(tmp_path):

@@ -182,8 +182,9 @@ def skipped_path(out: str) -> str:
 
 
 def _short(reason: str) -> str:
-    """A reason's kind for the console count: 'a DICOMDIR' -> 'DICOMDIR', 'empty file (0 bytes)' -> 'empty file'."""
-    return re.sub(r"^(an?|the) ", "", re.split(r" \(|: |; |\. ", reason, maxsplit=1)[0]).strip()
+    """A reason's kind for the console count: 'a DICOMDIR (an index ...)' -> 'DICOMDIR', 'empty file (0 bytes)' ->
+    'empty file', 'a PDF document, not one of the supported formats' -> 'PDF document'."""
+    return re.sub(r"^(an?|the) ", "", re.split(r" \(|: |; |, |\. ", reason, maxsplit=1)[0]).strip()
 
 
 def _kinds(skipped: list[tuple[str, str, str]]) -> str:
