@@ -673,7 +673,7 @@ def _numbers(ds, keyword: str, count: int, name: str) -> np.ndarray:
 
 def _series(folder: str) -> tuple[list[str], np.ndarray | None]:
     """The folder's slices in volume order, and the volume's affine (None for a single file)."""
-    names = []
+    names, indexes = [], 0
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
         if not os.path.isfile(path):
@@ -681,18 +681,20 @@ def _series(folder: str) -> tuple[list[str], np.ndarray | None]:
         fmt, reason = _sniff(path)
         if fmt == "dicom":
             names.append(path)
-        elif suffix_of(path) in (".dcm", ".dicom") and reason != DICOMDIR_REASON:  # a slice, not a README or index
-            raise DataError(f"{path}: a file of the series {folder} is {reason}. Fix: restore it from its source, or "
-                            "remove it from the folder.")
+        elif reason == DICOMDIR_REASON:
+            indexes += 1
+        elif suffix_of(path) in (".dcm", ".dicom"):  # a slice that cannot be read, not a README beside the slices
+            raise DataError(f"{path}: {reason}, in a series folder. Fix: restore it from its source, or remove it "
+                            "from the folder.")
     if not names:
-        raise DataError(f"{folder}: a folder with no DICOM files. Fix: point the row at a folder holding one "
-                        "series (one file per slice), or at a DICOM file.")
+        what = f"only {indexes} DICOMDIR file(s) (indexes), no images" if indexes else "no DICOM files"
+        raise DataError(f"{folder}: a folder with {what}. Fix: point the row at a folder holding one series (one "
+                        "file per slice), or at a DICOM file.")
     headers = [_dicom_dataset(name, headers_only=True) for name in names]
     for name, ds in zip(names, headers):
         odd = _not_an_image(ds)
         if odd:
-            raise DataError(f"{name}: {odd[0]}, in the series folder {folder}. Fix: move it out of the folder "
-                            f"({odd[1]}).")
+            raise DataError(f"{name}: {odd[0]}, in a series folder. Fix: move it out of the folder ({odd[1]}).")
     if len(names) == 1:
         return names, None
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in headers}
@@ -894,5 +896,5 @@ class AdaptChannelsd(MapTransform):
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    text = [line.strip() for line in str(err).strip().splitlines()]
     return text[-1] if text else type(err).__name__
