@@ -187,7 +187,9 @@ def test_what_passes_validate_starts_training_and_what_fails_fails_alike(tmp_pat
         check_site(cfg, "site-1")
     with pytest.raises(DataError) as at_site:
         build_datasets(cfg.data, samples, 1, None, str(manifest))
-    assert str(at_validate.value) == str(at_site.value) and "3.nii.gz" in str(at_site.value)
+    # validate names the manifest row too
+    assert str(at_site.value) in str(at_validate.value) and "3.nii.gz" in str(at_site.value)
+    assert str(at_validate.value).startswith(f"{manifest}:5: ")
 
 
 # -- metrics for any subset of classes -------------------------------------------------------------------------
