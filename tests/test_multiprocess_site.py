@@ -41,7 +41,7 @@ def test_two_ddp_processes_send_what_one_process_sends(small_federation, tmp_pat
         kept[nproc] = torch.load(os.path.join(simulation_state_root(job_ws), "site-1", PERSONAL_FILE),
                                  weights_only=True)["state"]  # rank 0 alone wrote it
         records = collect_site_records(job_ws)["site-1"]
-        assert [r["round"] for r in records] == [0] and records[0]["steps"] == 2
+        assert [r["round"] for r in records] == [1] and records[0]["steps"] == 2
         assert records[0]["device"].startswith("2 processes (DDP), rank 0 on cpu" if nproc == 2 else "cpu")
     assert sorted(sent[2]) == sorted(sent[1]) and any(".head." in k or k.startswith("head.") for k in sent[1])
     for k in sent[1]:

@@ -249,7 +249,7 @@ def test_a_site_with_byoc_denied_runs_the_no_code_job_and_refuses_the_code_job(p
     # the no-code job ran at site-2 to the end: its rounds in its own metrics log, its updates on the server
     records = [json.loads(line) for line in open(os.path.join(
         poc_run.poc.prod_dir, "site-2", "fedopal_site_state", "site-2", METRICS_FILE))]
-    assert [r["round"] for r in records if r["job"].startswith("fedopal_tiny_test@")] == [0, 1]
+    assert [r["round"] for r in records if r["job"].startswith("fedopal_tiny_test@")] == [1, 2]
     assert {r["site"] for r in _received_updates(poc_run.results["plain"])} == set(SITES)
     # the code-shipping job was refused at site-2, in FLARE's own words, and never started there
     logs = glob.glob(os.path.join(poc_run.poc.prod_dir, "**", "log.txt"), recursive=True)

@@ -272,10 +272,10 @@ def test_a_dp_headline_never_picks_a_round_before_the_first_noised_update():
     raw = job_dict(tiny_config())
     raw["privacy"] = {"mode": "update", "noise_multiplier": 1.0}
     dp = config_from_dict(raw)
-    assert first_eligible_round(dp) == 1 and first_eligible_round(tiny_config()) == 0
+    assert first_eligible_round(dp) == 2 and first_eligible_round(tiny_config()) == 1  # rounds from 1
     records = [{"round": r, "personalized/val/balanced_accuracy": v, "personalized/test/balanced_accuracy": t,
                 "personalized/test/accuracy": t, "personalized/test/auc": t, "bytes_sent": 1, "trainable_params": 1}
-               for r, v, t in ((0, 0.85, 0.848), (1, 0.55, 0.51), (2, 0.60, 0.50))]
+               for r, v, t in ((1, 0.85, 0.848), (2, 0.55, 0.51), (3, 0.60, 0.50))]
     assert site_row("site-1", records)["bacc_personalized"] == 0.848  # without the rule: round 1, before any noise
     row = site_row("site-1", records, first_eligible_round(dp))
     assert row["best_val_round"] == 3 and row["bacc_personalized"] == 0.50

@@ -54,8 +54,8 @@ def test_the_server_received_noised_float16_updates_of_global_tensors_only(updat
         # noise of sd sigma*C per coordinate dominates a clipped update of norm <= C: ||received|| ~ sqrt(d) sigma C
         assert abs(r["norm"] - math.sqrt(d) * SIGMA * CLIP) <= CLIP + 5 * SIGMA * CLIP
         (record,) = r["dp"]
-        assert record["releases"] == r["round"] + 1
-        assert r["epsilon"] == pytest.approx(update_epsilon(SIGMA, r["round"] + 1, 1e-5, "prv"), rel=1e-9)
+        assert record["releases"] == r["round"]  # both from 1
+        assert r["epsilon"] == pytest.approx(update_epsilon(SIGMA, r["round"], 1e-5, "prv"), rel=1e-9)
 
 
 def test_epsilon_reaches_tensorboard_the_summary_and_its_table(update_dp_job, tmp_path):
@@ -69,6 +69,7 @@ def test_epsilon_reaches_tensorboard_the_summary_and_its_table(update_dp_job, tm
         events.Reload()
         assert [e.value for e in events.Scalars("privacy/epsilon")] == pytest.approx(
             [update_epsilon(SIGMA, t, 1e-5) for t in (1, 2)], rel=1e-6)  # TensorBoard stores float32
+        assert [e.step for e in events.Scalars("privacy/epsilon")] == [1, 2]  # the round, from 1
     write_summary(summary, str(tmp_path))
     assert os.path.getsize(tmp_path / "cross_site.png") > 1000
 
@@ -102,7 +103,7 @@ def test_dpsgd_sites_account_their_subsampled_steps(small_federation, tmp_path):
         records = read_metrics(os.path.join(simulation_state_root(job_ws), site))
         q = cfg.data.batch_size / records[0]["n_train"]
         for r in records:
-            steps = (r["round"] + 1) * cfg.train.local_steps
+            steps = r["round"] * cfg.train.local_steps
             assert r["dp_steps"] == steps and r["sample_rate"] == pytest.approx(q)
             assert r["epsilon"] == pytest.approx(accountant_epsilon(1.2, q, steps, 1e-5, "prv"), rel=1e-9)
         server_side = [x for x in received if x["site"] == site]

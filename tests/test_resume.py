@@ -87,13 +87,13 @@ def test_killed_job_resumes_where_it_stopped(small_federation, tmp_path):
     proc = subprocess.run(job_cmd(config, ws, "--resume"), env=ENV, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     done = rounds_done(str(job_ws))
-    assert all(rounds == [0, 1, 2, 3] for rounds in done.values()), done
+    assert all(rounds == [1, 2, 3, 4] for rounds in done.values()), done  # metrics.jsonl counts from 1
     records = [json.loads(line) for p in metrics_files(str(job_ws)) for line in open(p)]
     resumed = [r for r in records if r.get("resumed_from_round") is not None]
-    assert {r["round"] for r in resumed} == set(range(last_round + 1, 4))
+    assert {r["round"] for r in resumed} == set(range(last_round + 2, 5))  # last_round: FLARE's, from 0
     for site, ckpt_saved in saved.items():
         first = min((r for r in resumed if r["site"] == site), key=lambda r: r["round"])
-        assert first["resumed_from_round"] == ckpt_saved["round"]
+        assert first["resumed_from_round"] == ckpt_saved["round"] + 1  # personal_state.pt keeps FLARE's count
         # the global tensors received after the restart are the checkpoint's, not a fresh init
         expected = sum(float((torch.as_tensor(v, dtype=torch.float64) ** 2).sum())
                        for v in last["model"].values()) ** 0.5
@@ -102,7 +102,7 @@ def test_killed_job_resumes_where_it_stopped(small_federation, tmp_path):
     assert final["meta_props"]["current_round"] == 3
     # the cosine learning rate continues across the restart: round k starts at step 2k of 8 (warm-up 1 step)
     for r in records:
-        step = 2 * r["round"]
+        step = 2 * (r["round"] - 1)
         expected = raw["train"]["lr"] * (step / 1 if step < 1 else 0.5 * (1 + math.cos(math.pi * (step - 1) / 7)))
         assert r["lr_first"] == pytest.approx(expected, abs=1e-12), (r["site"], r["round"])
 

@@ -221,8 +221,8 @@ def metrics_record(site, round_num, bacc_val, bacc_test, auc):
 
 
 def test_the_report_marks_undefined_metrics_na_and_says_how_many_sites_a_mean_covers(tmp_path):
-    for site, recs in {"site-1": [metrics_record("site-1", 0, 0.6, 0.7, 0.8), metrics_record("site-1", 1, 0.9, 0.8, 0.9)],
-                       "site-2": [metrics_record("site-2", r, math.nan, math.nan, math.nan) for r in (0, 1)]}.items():
+    for site, recs in {"site-1": [metrics_record("site-1", 1, 0.6, 0.7, 0.8), metrics_record("site-1", 2, 0.9, 0.8, 0.9)],
+                       "site-2": [metrics_record("site-2", r, math.nan, math.nan, math.nan) for r in (1, 2)]}.items():
         (tmp_path / site).mkdir()
         (tmp_path / site / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     summary = summarize(str(tmp_path), tiny_config(), 1.0)
@@ -233,8 +233,8 @@ def test_the_report_marks_undefined_metrics_na_and_says_how_many_sites_a_mean_co
 
 
 def test_the_benchmark_means_skip_undefined_sites_and_count_them():
-    sites = {"site-1": [metrics_record("site-1", 0, 0.9, 0.8, 0.9)],
-             "site-2": [metrics_record("site-2", 0, math.nan, math.nan, math.nan)]}
+    sites = {"site-1": [metrics_record("site-1", 1, 0.9, 0.8, 0.9)],
+             "site-2": [metrics_record("site-2", 1, math.nan, math.nan, math.nan)]}
     for records in sites.values():
         for r in records:
             r.update({"global_only/val/balanced_accuracy": r["personalized/val/balanced_accuracy"]})

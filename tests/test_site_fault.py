@@ -62,12 +62,12 @@ def test_rounds_complete_without_a_dead_site_and_its_state_survives(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
     done = {site: [r["round"] for r in rs] for site, rs in collect_site_records(str(job_ws)).items()}
-    assert done["site-1"] == [0, 1, 2, 3] and done["site-2"] == [0, 1, 2, 3]  # the federation went on
+    assert done["site-1"] == [1, 2, 3, 4] and done["site-2"] == [1, 2, 3, 4]  # the federation went on
     # killed between its personal state and its metrics line, site-3 may have logged no round at all
     assert len(done.get("site-3", [])) < 4
     with open(job_ws / "server" / "simulate_job" / "app_server" / "fedopal_updates.jsonl") as f:
         received = [json.loads(line) for line in f]
-    last_round = [r["site"] for r in received if r["round"] == 3]
+    last_round = [r["site"] for r in received if r["round"] == 4]
     assert sorted(last_round) == ["site-1", "site-2"]
     # the dead site's personal state is intact and loadable: it resumes from it when the job is resumed
     from fedopal.config import job_dict, load_config

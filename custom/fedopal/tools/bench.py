@@ -143,7 +143,7 @@ def site_results(result: dict, view: str) -> list[dict]:
             continue
         best = best_round(records, key) or records[-1]  # no measurable validation round: the final one
         rows.append({
-            "site": site, "eval": view, "best_round": best["round"] + 1,
+            "site": site, "eval": view, "best_round": best["round"],
             "val_balanced_accuracy": best[key],
             "balanced_accuracy": best[f"{view}/test/balanced_accuracy"],
             "accuracy": best[f"{view}/test/accuracy"], "auc": best[f"{view}/test/auc"],

@@ -347,7 +347,7 @@ class ProgressWatcher(threading.Thread):
             if start == 0 and records and records[0].get("device"):
                 print(f"  {records[0]['site']} trains on {records[0]['device']}", flush=True)
             for r in records[start:]:
-                print(f"  round {r['round'] + 1}/{self.num_rounds}  {r['site']:<8} "
+                print(f"  round {r['round']}/{self.num_rounds}  {r['site']:<8} "
                       f"task loss {r['task_loss']:.3f}  orth {r['orth_loss']:.4f}  "
                       f"val bal.acc {r['personalized/val/balanced_accuracy']:.3f}  ({r['wall_s']:.1f} s)",
                       flush=True)

@@ -174,7 +174,7 @@ def simulate_timed(cfg: FedOpalConfig, workspace: str) -> dict:
     finally:
         sampler.stop()
     records = collect_site_records(job_ws)
-    first_start = min(r["started_at"] for rs in records.values() for r in rs if r["round"] == 0)
+    first_start = min(r["started_at"] for rs in records.values() for r in rs if r["round"] == 1)
     last_end = max(r["finished_at"] for rs in records.values() for r in rs)
     rounds = cfg.train.num_rounds
     site_workers = {c: v for c, v in sampler.peak.items() if "simulator_worker" in c or "client" in c}

@@ -280,7 +280,7 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     spec = get_method(cfg.train.method, cfg.model.head)
     wire = wire_fields(wire_log(job_ws), policy_for_job(spec.shared, cfg.privacy.enabled, cfg.privacy.allow_fields))
     return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean, "wire": wire,
-            "fedopal_version": fedopal.__version__, "first_eligible_round": first + 1,
+            "fedopal_version": fedopal.__version__, "first_eligible_round": first,
             "mean_sites": coverage,
             "worst_site": ({"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]} if worst
                            else None),
@@ -313,9 +313,9 @@ def simulation_failure(job_ws: str) -> str:
             "for the cause.")
 
 
-def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eligible: int = 0) -> None:
+def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eligible: int = 1) -> None:
     """Balanced accuracy against rounds, per site: personalized (solid) and global-only (dashed), on test. Rounds
-    before `first_eligible` (0-based: no noised global model yet, DP update mode) are shaded and labelled."""
+    before `first_eligible` (no noised global model yet, DP update mode) are shaded and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,15 +323,15 @@ def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eli
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (site, rs) in enumerate(records.items()):
-        rounds = [r["round"] + 1 for r in rs]
+        rounds = [r["round"] for r in rs]
         color = f"C{i}"
         ax.plot(rounds, [r["personalized/test/balanced_accuracy"] for r in rs], "-o", color=color,
                 label=f"{site} personalized")
         if "global_only/test/balanced_accuracy" in rs[0]:
             ax.plot(rounds, [r["global_only/test/balanced_accuracy"] for r in rs], "--", color=color,
                     label=f"{site} global-only")
-    if first_eligible:
-        ax.axvspan(0.5, first_eligible + 0.5, color="grey", alpha=0.15, label="before any noised update (not selected)")
+    if first_eligible > 1:
+        ax.axvspan(0.5, first_eligible - 0.5, color="grey", alpha=0.15, label="before any noised update (not selected)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test balanced accuracy")
@@ -346,7 +346,7 @@ def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eli
 def write_summary(summary: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     plot_rounds(collect_site_records(summary["workspace"]), os.path.join(out_dir, "rounds.png"),
-                f"{summary['name']}: {summary['method']}", summary.get("first_eligible_round", 1) - 1)
+                f"{summary['name']}: {summary['method']}", summary.get("first_eligible_round", 1))
     if summary.get("cross_site"):
         plot_cross_site(summary["cross_site"], os.path.join(out_dir, "cross_site.png"),
                         f"{summary['name']}: {summary['method']}, cross-site evaluation")
