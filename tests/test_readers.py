@@ -275,6 +275,10 @@ def dicom_bytes(p) -> bytes:
     return open(write_dicom(p / "full.dcm", PICTURE), "rb").read()
 
 
+def window_bytes(p) -> bytes:
+    return open(write_dicom(p / "full.dcm", PICTURE, window=(40.0, 400.0)), "rb").read()
+
+
 def png_bytes(p) -> bytes:
     Image.fromarray(PICTURE).save(p / "full.png")
     return (p / "full.png").read_bytes()
@@ -319,11 +323,13 @@ def test_an_unsupported_file_says_what_it_is(tmp_path, make, reason):
     (lambda p: written(p / "cut.dcm", dicom_bytes(p)[:-100]), "truncated DICOM (pixel data 476 of 576 bytes)"),
     (lambda p: written(p / "cut.dcm", dicom_bytes(p)[:400]), "truncated DICOM (its element"),  # pydicom: no word
     (lambda p: written(p / "cut.npy", np.lib.format.magic(1, 0) + b"\x10\x00{'descr': '<f4'"), "unreadable .npy"),
+    (lambda p: written(p / "cut.dcm", window_bytes(p).replace(b"400.0", b"400a0")), "corrupt DICOM (ValueError"),
 ])
 def test_a_damaged_file_is_one_line_naming_it(tmp_path, make, needle):
+    """pydicom parses an element when it is first used: a damaged value fails there, deep in the reader."""
     path = make(tmp_path)
     with pytest.raises(DataError) as err:
-        decode(path, DecodeOptions(2, 1))
+        decode(path, DecodeOptions(2, 1, window_from_file=True))
     one_line_naming(err, path, needle)
 
 

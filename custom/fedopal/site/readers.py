@@ -388,7 +388,7 @@ def _read_npy(path: str, opts: DecodeOptions):
 
     try:
         arr, _ = NumpyReader().get_data(NumpyReader().read(path))  # np.load: the NPY magic decides, not the suffix
-    except (ValueError, OSError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged header fails in NumPy's parser with its own types
         raise DataError(f"{path}: unreadable .npy ({_first_line(err)}). Fix: re-save it with numpy.save.") from None
     arr = np.asarray(arr)
     _refuse_non_finite(arr, path)
@@ -776,6 +776,16 @@ def _by_instance_number(folder: str, names: list[str], headers: list) -> tuple[n
 
 
 def _read_dicom(path: str, opts: DecodeOptions):
+    try:
+        return _decode_dicom(path, opts)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom converts elements when first used: a damaged one raises then
+        raise DataError(f"{path}: corrupt DICOM ({type(err).__name__}: {_first_line(err)}). Fix: copy the file again "
+                        "from its source, or remove its row.") from None
+
+
+def _decode_dicom(path: str, opts: DecodeOptions):
     names, affine = _series(path) if os.path.isdir(path) else ([path], None)
     datasets, stored, values, ranges = [], [], [], []
     for name in names:
