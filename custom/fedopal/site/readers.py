@@ -67,7 +67,8 @@ FOREIGN = ((b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"GIF8",
            (b"PK\x03\x04", "a ZIP archive (an .npz?)"), (b"NRRD", "an NRRD volume"),
            (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"%PDF", "a PDF document"), (b"BM", "a BMP image"))
 DICOMDIR_UID = "1.2.840.10008.1.3.10"
-HEAD = 1024
+DICOMDIR_REASON = "a DICOMDIR (an index of a DICOM media, not an image)"
+HEAD = 1024  # bytes read to tell a file's type
 
 
 def format_of(path: str) -> str | None:
@@ -173,8 +174,6 @@ def _dicom_kind(path: str, preamble: bool) -> tuple[str | None, str]:
         return "dicom", ""
     return None, ""
 
-
-DICOMDIR_REASON = "a DICOMDIR (an index of a DICOM media, not an image)"
 
 
 def _fix_for(reason: str) -> str:
