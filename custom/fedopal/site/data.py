@@ -33,8 +33,8 @@ from fedopal.site.readers import (FAMILY, FORMATS, AdaptChannelsd, DataError, De
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split")
 PATIENT_COLUMN = "patient_id"  # optional: whose images a row holds (splits by patient, DP-SGD per patient)
-# MONAI's readers behind each family (readers.py): PNG/JPEG PILReader, NPY NumpyReader, NIfTI NibabelReader,
-# DICOM PydicomReader. One family per site.
+# the readers behind each family (readers.py): PNG/JPEG MONAI's PILReader, NPY MONAI's NumpyReader, NIfTI nibabel,
+# DICOM pydicom. One family per site.
 READERS = FORMATS
 
 
