@@ -251,7 +251,7 @@ def test_export_merged_is_a_validated_config_key():
     assert config_from_dict({"export": {"merged": True}}).export.merged is True
     with pytest.raises(ConfigError, match="invalid value for 'export.merged'"):
         config_from_dict({"export": {"merged": "sometimes"}})
-    with pytest.raises(ConfigError, match="unknown key 'export.merge'. Allowed keys here: merged"):
+    with pytest.raises(ConfigError, match="unknown key 'export.merge'. Did you mean 'merged'\? Allowed keys here: merged"):
         config_from_dict({"export": {"merge": True}})
 
 

@@ -13,6 +13,8 @@ from fedopal.tools.report import summarize
 from fedopal.tools.report import collect_site_records, metrics_files
 from fedopal.site.state import PERSONAL_FILE, simulation_state_root
 
+from fedopal.config import config_from_dict
+
 from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -21,7 +23,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def finished_job(small_federation, tmp_path_factory):
     root, _ = small_federation
-    cfg = tiny_config(root, method="fedopal_w")
+    raw = tiny_config(root, method="fedopal_w").model_dump(mode="json")
+    raw["data"]["sites"] = {"site-2": {"intensity_range": [0, 255]}}  # the same values as 8 bits' own: site-2's own
+    cfg = config_from_dict(raw)
     ws = tmp_path_factory.mktemp("sim")
     job_ws = simulate(cfg, str(ws))  # raises if the simulator fails
     return cfg, job_ws
@@ -97,3 +101,14 @@ def test_the_wire_audit_finds_only_what_the_contract_allows(finished_job):
     cfg, job_ws = finished_job
     result = audit(job_ws, cfg)
     assert result["messages"]["train"] == 4 and result["messages"]["event"] > 0
+
+
+def test_each_site_decodes_with_its_own_settings_and_its_exports_keep_them(finished_job):
+    """data.sites.site-2 reaches site-2 only: its exported model (what fedopal predict loads) carries its range."""
+    _, job_ws = finished_job
+    stored = {}
+    for site in ("site-1", "site-2"):
+        with open(os.path.join(simulation_state_root(job_ws), site, "export", "best", "personalized",
+                               "manifest.json")) as f:
+            stored[site] = json.load(f)["config"]["data"]["intensity_range"]
+    assert stored == {"site-1": None, "site-2": [0, 255]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import typing
 from typing import Literal, Optional
 
 import yaml
@@ -22,12 +23,52 @@ class ConfigError(ValueError):
     """A config problem, already phrased for the user (file, key, allowed values, fix)."""
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), case-insensitive. By hand: the standard
+    library's difflib ranks by similarity ratio, which has no "at most 2 edits" threshold, and no edit-distance
+    package is among the pins."""
+    a, b = a.lower(), b.lower()
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def near_misses(name: str, candidates, max_distance: int = 2) -> list[str]:
+    """The candidates within `max_distance` edits of `name` (itself excluded), closest first."""
+    scored = sorted((edit_distance(name, c), c) for c in candidates if c != name)
+    return [c for d, c in scored if d <= max_distance]
+
+
+def did_you_mean(name: str, candidates) -> str:
+    close = near_misses(name, candidates)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# the data.* keys that say how a site's files are decoded: one site may set its own (data.sites)
+SITE_DECODING_KEYS = ("intensity_range", "window_from_file", "channel_adapt")
+
+
+class SiteDecoding(_Section):
+    """One site's own decoding (data.sites.<site>): the keys it sets replace data.*'s for that site only; a key left
+    out follows data.*. `intensity_range: null` given explicitly returns that site to each file's own encoding."""
+
+    intensity_range: Optional[tuple[float, float]] = Field(None, description="as data.intensity_range, this site")
+    window_from_file: Optional[bool] = Field(None, description="as data.window_from_file, this site")
+    channel_adapt: Optional[Literal["adapt", "repeat", "error"]] = Field(None, description="as data.channel_adapt, "
+                                                                                          "this site")
+
+
 class DataConfig(_Section):
-    root: str = Field("data/demo_federation", description="folder holding one sub-folder per site")
+    root: str = Field("data/demo_federation", description="folder holding one sub-folder per site; a relative path "
+                                                          "resolves against $FEDOPAL_HOME when set (the launchers "
+                                                          "set it to the repository), else the current directory")
     manifest: str = Field("manifest.csv", description="manifest file name inside each site folder")
     spatial_dims: Literal[2, 3] = Field(2, description="2: PNG/JPEG/DICOM/NPY/NIfTI images; 3: NIfTI, DICOM series "
                                                        "(a folder per volume) or NPY volumes")
@@ -59,6 +100,10 @@ class DataConfig(_Section):
                                                           "train.nproc_per_site > 1: split across the processes)")
     num_workers: int = Field(0, ge=0, le=64, description="data-loading worker processes per site process (0: load "
                                                          "in the training process); results do not depend on it")
+    sites: dict[str, SiteDecoding] = Field(
+        {}, description="per-site decoding, e.g. {hospital-a: {intensity_range: [0, 4095]}}: a site's own "
+                        f"{', '.join(SITE_DECODING_KEYS)} (the other sites keep data.*); fedopal validate prints each "
+                        "site's effective settings")
 
     @model_validator(mode="after")
     def _classes(self) -> "DataConfig":
@@ -77,6 +122,20 @@ class DataConfig(_Section):
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if self.class_names else str(index)
+
+    def for_site(self, site: str) -> "DataConfig":
+        """This config with `site`'s own decoding keys (data.sites) in place of data.*'s."""
+        own = self.sites.get(site)
+        if own is None:
+            return self
+        return self.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
+
+    def decoding(self, site: str) -> dict:
+        """{key: (effective value, 'site' or 'job')} of every decoding key at `site` (fedopal validate shows it)."""
+        own = self.sites.get(site)
+        here = self.for_site(site)
+        return {k: (getattr(here, k), "site" if own is not None and k in own.model_fields_set else "job")
+                for k in SITE_DECODING_KEYS}
 
 
 class VitConfig(_Section):
@@ -373,6 +432,12 @@ class FedOpalConfig(_Section):
                     raise ValueError(f"privacy.mode dpsgd needs {key}: {allowed} (got {value}): per-sample clipping "
                                      "needs an unweighted per-sample loss in one fp32 process, whose class weights "
                                      "would come from the site's own label counts; set it, or use privacy.mode update")
+        sites = self.federation.sites()
+        for name in self.data.sites:  # a name far from every site is a late joiner's; a near one is a typo
+            close = near_misses(name, sites) if name not in sites else []
+            if close:
+                raise ValueError(f"data.sites names '{name}', which is not a site of this federation; did you mean "
+                                 f"'{close[0]}'? Rename it to the site's name")
         if self.data.spatial_dims == 3 and self.model.backbone != "monai_vit":
             raise ValueError(f"data.spatial_dims is 3 but model.backbone '{self.model.backbone}' is 2D-pretrained; "
                              "use backbone monai_vit (spatial_dims 3) for volumes")
@@ -381,10 +446,12 @@ class FedOpalConfig(_Section):
 
 def _describe(model_cls: type[BaseModel], loc: tuple) -> tuple[str, str]:
     """Return (dotted key, allowed keys at that level) for a pydantic error location."""
-    cls = model_cls
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part)) if isinstance(cls, type) else None
+    cls, parts = model_cls, list(loc[:-1])
+    while parts:
+        field = cls.model_fields.get(str(parts.pop(0))) if isinstance(cls, type) else None
         ann = getattr(field, "annotation", None)
+        if typing.get_origin(ann) is dict and parts:  # data.sites.<site>: the site's name, then its keys
+            ann, _ = typing.get_args(ann)[1], parts.pop(0)
         cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if cls is None:
             break
@@ -400,7 +467,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if not key:  # a rule across fields (FedOpalConfig.check): the message names them
             lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}. Fix: change those keys in {source}.")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'. Allowed keys here: {allowed}. Fix: remove or rename it.")
+            hint = did_you_mean(str(e["loc"][-1]), allowed.split(", ") if allowed else [])
+            lines.append(f"{source}: unknown key '{key}'.{hint} Allowed keys here: {allowed}. Fix: remove or rename "
+                         "it.")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")

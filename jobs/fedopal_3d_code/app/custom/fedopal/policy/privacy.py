@@ -213,7 +213,7 @@ class DPUpdateFilter(DXOFilter):
 
         tag = "privacy/epsilon" if self.source == "job" else "privacy/epsilon_site_policy"
         analytic = create_analytic_dxo(tag=tag, value=eps, data_type=AnalyticsDataType.SCALAR,
-                                       writer=LogWriterName.TORCH_TB, global_step=self.releases - 1)
+                                       writer=LogWriterName.TORCH_TB, global_step=self.releases)  # the round, from 1
         send_analytic_dxo(self, dxo=analytic, fl_ctx=fl_ctx)
 
 

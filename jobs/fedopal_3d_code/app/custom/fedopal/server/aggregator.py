@@ -139,8 +139,9 @@ class SharedKeyAggregator(ModelAggregator):
         size = nbytes(arrays)
         floats = [a for a in arrays.values() if np.issubdtype(a.dtype, np.floating)]
         dp = meta.get(DP_META_KEY)
-        entry = {"round": round_num, "site": site, "weight": weight if isinstance(weight, (int, float)) else None,
-                 "weighting": self.weighting,
+        # "round" from 1, as the site's metrics.jsonl and every table (FLARE's current_round counts from 0)
+        entry = {"round": round_num + 1 if isinstance(round_num, int) else None, "site": site,
+                 "weight": weight if isinstance(weight, (int, float)) else None, "weighting": self.weighting,
                  "keys": sorted(params), "bytes": size, "wire_bytes": meta.get(WIRE_BYTES_KEY, size),
                  "params_type": getattr(params_type, "value", str(params_type)),
                  "norm": float(np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in floats))),

@@ -30,6 +30,11 @@ WIRE_LOG = "fedopal_wire.jsonl"
 FED_EVENT_PREFIX = "fed."
 
 
+def _from_one(current_round):
+    """FLARE's current_round (from 0) as the round a person reads (from 1); None when the message has none."""
+    return current_round + 1 if isinstance(current_round, int) else None
+
+
 class WireRecorder(FLComponent):
     """Server-side: record every result and federated event a site sends (see the module docstring)."""
 
@@ -44,7 +49,7 @@ class WireRecorder(FLComponent):
                 peer = fl_ctx.get_peer_context()
                 self._write(fl_ctx, {"kind": "task_result", "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
                                      "site": peer.get_identity_name() if peer else None,
-                                     "round": result.get_header("current_round")}, result)
+                                     "round": _from_one(result.get_header("current_round"))}, result)
         elif event_type.startswith(FED_EVENT_PREFIX):
             if fl_ctx.get_prop(FLContextKey.EVENT_SCOPE) != EventScope.FEDERATION:
                 return

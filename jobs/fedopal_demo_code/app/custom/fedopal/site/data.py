@@ -26,14 +26,15 @@ from monai.transforms import (
     Spacingd,
 )
 
+from fedopal.config import near_misses
 from fedopal.site.readers import (FAMILY, FORMATS, AdaptChannelsd, DataError, DecodeImaged, DecodeOptions, format_of,
-                             layout, suffix_of)
+                                  layout, suffix_of, unsupported_reason)
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split")
 PATIENT_COLUMN = "patient_id"  # optional: whose images a row holds (splits by patient, DP-SGD per patient)
-# MONAI's readers behind each family (readers.py): PNG/JPEG PILReader, NPY NumpyReader, NIfTI NibabelReader,
-# DICOM PydicomReader. One family per site.
+# the readers behind each family (readers.py): PNG/JPEG MONAI's PILReader, NPY MONAI's NumpyReader, NIfTI nibabel,
+# DICOM pydicom. One family per site.
 READERS = FORMATS
 
 
@@ -52,6 +53,41 @@ class Sample:
     label: int
     split: str
     patient: str | None = None  # the manifest's patient_id, where it has that column
+    row: int = 0  # its row in the manifest (the header is row 1), for messages; 0: not from a manifest
+
+
+class Problems:
+    """Every problem found in one pass over a site's data, each a one-line message (file, row, what, fix), by kind.
+
+    fedopal validate prints them all, grouped; a site starting a job stops on them with the first one and the count.
+    Without a collector (`problems=None`), a reading function raises the first problem as it always did."""
+
+    def __init__(self):
+        self.items: list[tuple[str, str]] = []  # (kind, message)
+
+    def add(self, kind: str, message: str) -> None:
+        self.items.append((kind, message))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def by_kind(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for kind, message in self.items:
+            out.setdefault(kind, []).append(message)
+        return out
+
+    def raise_first(self) -> None:
+        if self.items:
+            more = len(self.items) - 1
+            raise DataError(self.items[0][1] + (f" (+{more} more problem{'s' if more > 1 else ''} in this site's "
+                                                "data: fedopal validate lists them all)" if more else ""))
+
+
+def _report(problems: Problems | None, kind: str, message: str) -> None:
+    if problems is None:
+        raise DataError(message)
+    problems.add(kind, message)
 
 
 def read_csv(manifest_path: str) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -77,8 +113,10 @@ def parse_label(text: str, num_classes: int, class_names, where: str) -> int:
         label = int(text)
     except (TypeError, ValueError):
         if class_names:
+            close = near_misses(text, class_names)
+            fix = (f"Fix: did you mean '{close[0]}'? Correct the label" if close else "Fix: correct the label")
             raise DataError(f"{where}: label {text!r} is neither one of data.class_names ({', '.join(class_names)}) "
-                            f"nor a class index 0..{num_classes - 1}. Fix: correct the label, or add the class to "
+                            f"nor a class index 0..{num_classes - 1}. {fix}, or add the class to "
                             "data.class_names.") from None
         raise DataError(f"{where}: label {text!r} is not an integer. Fix: use class indices 0..{num_classes - 1}, "
                         "or name the classes in data.class_names.") from None
@@ -88,80 +126,158 @@ def parse_label(text: str, num_classes: int, class_names, where: str) -> int:
     return label
 
 
+def _exists(path: str) -> bool:
+    return os.path.isfile(path) or os.path.isdir(path)  # a folder is one DICOM series
+
+
 def _row_path(base: str, text: str, where: str) -> str:
+    if not text:
+        raise DataError(f"{where}: the path is empty. Fix: give the image's path (relative to the manifest's folder) "
+                        "or remove the row.")
     path = text if os.path.isabs(text) else os.path.join(base, text)
-    if not text or not (os.path.isfile(path) or os.path.isdir(path)):  # a folder is one DICOM series
-        raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
-    return path
+    if _exists(path):
+        return path
+    if "\\" in text and os.sep == "/":  # a path written on Windows: on this machine a backslash is part of a name
+        posix = text.replace("\\", "/")
+        found = posix if os.path.isabs(posix) else os.path.join(base, posix)
+        there = f"; {found} exists" if _exists(found) else ""
+        raise DataError(f"{where}: {text!r} is a Windows path (backslashes), which names no file here{there}. "
+                        f"Fix: write the manifest's paths with forward slashes ({posix}).")
+    raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
 
 
-def read_manifest(manifest_path: str, num_classes: int, class_names=None) -> list[Sample]:
+def _manifest_not_found(manifest_path: str) -> str:
+    """The message for a missing manifest, with the near misses a person makes: the site's folder named a little
+    differently (hospital_a for hospital-a), or the manifest (Manifest.csv, manifest.csv.txt)."""
+    folder, name = os.path.split(os.path.abspath(manifest_path))
+    root, site = os.path.split(folder)
+    hint = ""
+    if not os.path.isdir(folder) and os.path.isdir(root):
+        close = near_misses(site, [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))])
+        if close:
+            hint = (f" Found the folder '{close[0]}' in {root}: rename it to '{site}', or set "
+                    "federation.site_names to the folders' names.")
+    elif os.path.isdir(folder):
+        close = near_misses(name, [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))],
+                            max_distance=4)
+        if close:
+            hint = f" Found '{close[0]}' in {folder}: rename it to '{name}', or set data.manifest: {close[0]}."
+    return (f"{manifest_path}: manifest not found.{hint or ' Fix: create it (columns path,label,split) or point '}"
+            + ("" if hint else "data.root at the folder holding one sub-folder per site."))
+
+
+def read_manifest(manifest_path: str, num_classes: int, class_names=None,
+                  problems: Problems | None = None) -> list[Sample]:
+    """The site's rows as Samples. Every bad row is a problem naming the manifest, the row and the fix: with a
+    `problems` collector all of them are collected (and the bad rows left out), without one the first is raised."""
     if not os.path.isfile(manifest_path):
-        raise DataError(f"{manifest_path}: manifest not found. Fix: create it (columns path,label,split) "
-                        "or point data.root at the folder holding one sub-folder per site.")
+        _report(problems, "manifest", _manifest_not_found(manifest_path))
+        return []
     base = os.path.dirname(os.path.abspath(manifest_path))
     header, rows = read_csv(manifest_path)
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise DataError(f"{manifest_path}: missing column(s) {missing}; found {header}. "
-                        "Fix: the header must be path,label,split (and optionally patient_id).")
+        close = {c: near_misses(c, header) for c in missing}
+        renames = ", ".join(f"'{v[0]}' -> '{c}'" for c, v in close.items() if v)
+        _report(problems, "manifest", f"{manifest_path}: missing column(s) {missing}; found {header}. Fix: "
+                + (f"rename {renames}; " if renames else "") + "the header must be path,label,split (and "
+                "optionally patient_id).")
+        return []
     samples, seen = [], {}
     with_patients = PATIENT_COLUMN in header
     patient_rows: dict[str, dict[str, list[int]]] = {}  # patient -> split -> rows
     for row_no, row in rows:
         where = f"{manifest_path}:{row_no}"
         patient = row.get(PATIENT_COLUMN, "") if with_patients else None
+        ok = True
         if with_patients and not patient:
-            raise DataError(f"{where}: empty {PATIENT_COLUMN}. Fix: give every row its patient's id (or drop the "
-                            "column: splits and DP-SGD then count images, not patients).")
-        label = parse_label(row.get("label", ""), num_classes, class_names, where)
+            ok = False
+            _report(problems, "patient_id", f"{where}: empty {PATIENT_COLUMN}. Fix: give every row its patient's id "
+                                            "(or drop the column: splits and DP-SGD then count images, not patients).")
+        try:
+            label = parse_label(row.get("label", ""), num_classes, class_names, where)
+        except DataError as err:
+            ok = False
+            _report(problems, "label", str(err))
         split = row.get("split", "")
         if split not in SPLITS:
-            raise DataError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}. Fix: correct the row.")
-        path = _row_path(base, row.get("path", ""), where)
+            ok = False
+            close = near_misses(split, SPLITS)
+            _report(problems, "split", f"{where}: split {split!r} is not one of {', '.join(SPLITS)}. Fix: "
+                                       + (f"did you mean '{close[0]}'? " if close else "") + "correct the row.")
+        try:
+            path = _row_path(base, row.get("path", ""), where)
+        except DataError as err:
+            _report(problems, "file not found", str(err))
+            continue
         key = os.path.realpath(path)
-        if key in seen and seen[key][1] != split:
+        if ok and key in seen and seen[key][1] != split:
             first_row, first_split = seen[key]
-            raise DataError(f"{where}: {path} is in the '{split}' split and, at row {first_row}, in the "
-                            f"'{first_split}' split. Fix: keep each file in one split (a file in train and test "
-                            "inflates the test metrics).")
+            _report(problems, "file in two splits",
+                    f"{where}: {path} is in the '{split}' split and, at row {first_row}, in the '{first_split}' "
+                    "split. Fix: keep each file in one split (a file in train and test inflates the test metrics).")
+            continue
+        if not ok:
+            continue
         seen.setdefault(key, (row_no, split))
-        samples.append(Sample(path, label, split, patient))
+        samples.append(Sample(path, label, split, patient, row_no))
         if with_patients:
             patient_rows.setdefault(patient, {}).setdefault(split, []).append(row_no)
-    if not samples:
-        raise DataError(f"{manifest_path}: the site has no rows. Fix: list this site's images in the manifest.")
+    if not rows:
+        _report(problems, "manifest", f"{manifest_path}: the site has no rows. Fix: list this site's images in the "
+                                      "manifest.")
+        return []
     for patient, splits in patient_rows.items():
         if len(splits) > 1:
             where = "; ".join(f"{split} (row{'s' if len(r) > 1 else ''} {', '.join(map(str, r[:5]))}"
                               f"{', ...' if len(r) > 5 else ''})" for split, r in splits.items())
-            raise DataError(f"{manifest_path}: patient {patient!r} has images in {len(splits)} splits: {where}. "
-                            "Fix: keep all of a patient's images in one split (a patient in train and test inflates "
-                            "the test metrics).")
+            _report(problems, "patient in two splits",
+                    f"{manifest_path}: patient {patient!r} has images in {len(splits)} splits: {where}. Fix: keep all "
+                    "of a patient's images in one split (a patient in train and test inflates the test metrics).")
     for split in SPLITS:
-        if not any(s.split == split for s in samples):
-            raise DataError(f"{manifest_path}: the '{split}' split is empty. Fix: assign rows to every split "
-                            "(train, val, test).")
+        if not any(r.get("split", "") == split for _, r in rows):
+            _report(problems, "manifest", f"{manifest_path}: the '{split}' split is empty. Fix: assign rows to every "
+                                          "split (train, val, test).")
     return samples
 
 
-def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "", in_channels: int = 1) -> str:
-    """The site's one format family; 2D files in a 3D config (and the reverse) stop here, before training."""
-    formats = {s.path: format_of(s.path) for s in samples}
-    unknown = sorted({suffix_of(p) or os.path.basename(p) for p, f in formats.items() if f is None})
-    if unknown:
-        raise DataError(f"{manifest_path}: unsupported file type(s) {unknown}. "
-                        f"Fix: use one of {', '.join(FORMATS)} (or a folder holding one DICOM series).")
-    families = {FAMILY[f] for f in formats.values()}
-    if len(families) > 1:
-        raise DataError(f"{manifest_path}: mixed file types {sorted({suffix_of(p) or 'folder' for p in formats})}. "
-                        "Fix: one format family per site (PNG/JPEG, NPY, NIfTI or DICOM).")
-    family = families.pop()
+def row_of(manifest_path: str, sample: Sample) -> str:
+    """`manifest:row` of a sample read from a manifest, else the source given."""
+    return f"{manifest_path}:{sample.row}" if sample.row else manifest_path
+
+
+def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "", in_channels: int = 1,
+                problems: Problems | None = None) -> str | None:
+    """The site's one format family, each file's type decided by its content (readers.format_of); 2D files in a 3D
+    config (and the reverse) stop here, before training. With `problems`, every file of an unsupported type is one
+    problem naming its row, and the bad files are left for the caller to skip; None if no file is usable."""
+    formats = {}
+    for s in samples:
+        fmt = format_of(s.path)
+        if fmt is None:
+            _report(problems, "unsupported file",
+                    f"{row_of(manifest_path, s)}: {s.path}: {unsupported_reason(s.path)}. Fix: use one of "
+                    f"{', '.join(FORMATS)} (the type is read from the file's content; a folder holds one DICOM "
+                    "series), or remove the row.")
+        else:
+            formats[s.path] = fmt
+    if not formats:
+        return None
+    by_family: dict[str, list[str]] = {}
+    for path, fmt in formats.items():
+        by_family.setdefault(FAMILY[fmt], []).append(path)
+    family = max(by_family, key=lambda f: len(by_family[f]))
+    if len(by_family) > 1:
+        others = ", ".join(f"{len(paths)} {f} (e.g. {paths[0]})" for f, paths in by_family.items() if f != family)
+        _report(problems, "mixed file types",
+                f"{manifest_path}: mixed file types: {len(by_family[family])} {family} files and {others}. "
+                "Fix: one format family per site (PNG/JPEG, NPY, NIfTI or DICOM).")
     if spatial_dims == 3 and family == "image":
-        raise DataError(f"{manifest_path}: data.spatial_dims is 3 but the site holds 2D images "
-                        f"({sorted({suffix_of(p) for p in formats})}). "
-                        "Fix: point the manifest at NIfTI volumes or DICOM series, or set data.spatial_dims: 2.")
-    first = samples[0].path
+        _report(problems, "shape", f"{manifest_path}: data.spatial_dims is 3 but the site holds 2D images "
+                                   f"({sorted({suffix_of(p) or 'no suffix' for p in by_family[family]})}). Fix: point "
+                                   "the manifest at NIfTI volumes or DICOM series, or set data.spatial_dims: 2.")
+        return None
+    first = by_family[family][0]
     if family in ("nifti", "array"):  # the header says the shape: a 2D/3D mix-up stops before any decoding
         try:
             if family == "nifti":
@@ -170,10 +286,12 @@ def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "
                 shape = nib.load(first).shape
             else:
                 shape = np.load(first, mmap_mode="r").shape
-        except Exception as err:  # nibabel and numpy raise several types for a truncated or foreign file
-            raise DataError(f"{first}: not a readable {'NIfTI' if family == 'nifti' else '.npy'} file "
-                            f"({type(err).__name__}: {_first_line(err)}). Fix: re-export it or remove its row.") from None
-        layout(tuple(shape), DecodeOptions(spatial_dims, in_channels), first)
+            layout(tuple(shape), DecodeOptions(spatial_dims, in_channels), first)
+        except DataError as err:
+            _report(problems, "shape", str(err))
+            return None
+        except Exception:  # nibabel and numpy raise several types for a truncated or foreign file: decoding names it
+            pass
     return family
 
 
@@ -368,23 +486,29 @@ def label_counts(samples: list[Sample], split: str) -> dict[int, int]:
 UNLABELED = -1  # the label of an input that has none (new scans to predict)
 
 
-def find_inputs(inputs: list[str]) -> list[Sample]:
-    """Files and folders (searched recursively, sorted) -> unlabeled samples of the supported file types
-    (DICOM by suffix; a DICOM series, one folder per volume, is listed with --manifest)."""
-    paths = []
+def find_inputs(inputs: list[str]) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Files and folders (searched recursively, sorted) -> (unlabeled samples, [(path, reason)] for every other file).
+
+    A file's type is read from its content (readers.format_of: the DICOM preamble, PNG/JPEG/NIfTI/NPY magic), so
+    DICOM files without a suffix (PACS exports) are predicted and a DICOMDIR, an empty file or a note is listed with
+    its reason, never dropped in silence. A DICOM series (one folder per volume) is listed with --manifest."""
+    paths, skipped = [], []
     for given in inputs:
         if os.path.isfile(given):
-            paths.append(given)
+            found = [given]
         elif os.path.isdir(given):
-            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(given) for name in names
-                           if suffix_of(name) in READERS)
+            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(given) for name in names)
             if not found:
-                raise DataError(f"{given}: no image files ({', '.join(READERS)}) in this folder. "
-                                "Fix: point --input at the images, or list them with --manifest.")
-            paths += found
+                raise DataError(f"{given}: an empty folder. Fix: point --input at the images, or list them with "
+                                "--manifest.")
         else:
             raise DataError(f"{given}: input file or folder not found. Fix: check the path.")
-    return [Sample(os.path.abspath(p), UNLABELED, "") for p in paths]
+        for path in found:
+            if format_of(path) is None:
+                skipped.append((os.path.abspath(path), unsupported_reason(path)))
+            else:
+                paths.append(path)
+    return [Sample(os.path.abspath(p), UNLABELED, "") for p in paths], skipped
 
 
 def read_input_manifest(manifest_path: str, num_classes: int, class_names=None) -> list[Sample]:
@@ -410,18 +534,30 @@ def read_input_manifest(manifest_path: str, num_classes: int, class_names=None) 
 
 
 class _NamedFileDataset(Dataset):
-    """Reads lazily (inputs can be many); a file that fails in any pipeline step is named in the error."""
+    """Reads lazily (inputs can be many); a file that fails in any pipeline step is named in the error, or, with
+    `placeholder` (the shape a good item has), kept out: its item is that many zeros and `unreadable` says why."""
+
+    placeholder: tuple | None = None
 
     def _transform(self, index: int):
         try:
-            return super()._transform(index)
+            item = super()._transform(index)
         except Exception as err:  # the pipeline names the file already; anything else, name it here
-            raise pipeline_error(err, self.data[index]) from None
+            error = pipeline_error(err, self.data[index])
+            if self.placeholder is None:
+                raise error from None
+            return {"image": torch.zeros(self.placeholder), "label": torch.as_tensor(self.data[index]["label"]),
+                    "unreadable": str(error)}
+        return item | ({"unreadable": ""} if self.placeholder is not None else {})
 
 
 def build_inference_dataset(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
-                            source: str = "") -> Dataset:
-    """The evaluation pipeline (no augmentation) over a list of samples, labelled or not."""
+                            source: str = "", keep_going: bool = False) -> Dataset:
+    """The evaluation pipeline (no augmentation) over a list of samples, labelled or not. keep_going: a file that
+    fails to decode does not stop the others; its item's `unreadable` holds the one-line reason ('' when read)."""
     family = file_format(samples, data_cfg.spatial_dims, source, data_cfg.in_channels)
     transform = build_transforms(data_cfg, model_in_channels, normalization, train=False, family=family)
-    return _NamedFileDataset([{"image": s.path, "label": s.label} for s in samples], transform)
+    dataset = _NamedFileDataset([{"image": s.path, "label": s.label} for s in samples], transform)
+    if keep_going:  # every good item leaves the pipeline this shape (resized, channels adapted)
+        dataset.placeholder = (model_in_channels,) + (data_cfg.image_size,) * data_cfg.spatial_dims
+    return dataset

@@ -228,10 +228,11 @@ class SiteExporter:
     round."""
 
     def __init__(self, model: nn.Module, cfg: FedOpalConfig, site_folder: str, site: str, train_set=None,
-                 run_id: str | None = None, weighting=None, first_eligible_round: int = 0):
+                 run_id: str | None = None, weighting=None, first_eligible_round: int = 1):
         """weighting: a callable returning the trainer's InstanceWeighting (SiteTrainer.instance_weighting), so the
         export stores the very bank the site evaluated with; without it, one is built from `train_set`.
-        first_eligible_round: rounds before it never become the best export (site.selection)."""
+        first_eligible_round (from 1, as site.selection): rounds before it never become the best export; a late
+        joiner's evaluation before training (round 0) never does."""
         self.model, self.cfg, self.site, self.run_id = model, cfg, site, run_id
         self.first_eligible_round = first_eligible_round
         self.root = os.path.join(site_folder, EXPORT_DIR)
@@ -261,7 +262,7 @@ class SiteExporter:
         written = {}
         for view, adapters in views_of(self.model.spec).items():
             best_folder = os.path.join(self.root, "best", view)
-            if round_num >= self.first_eligible_round and self._improves(
+            if round_num + 1 >= self.first_eligible_round and self._improves(  # round_num is FLARE's, from 0
                     _read_manifest_if_any(best_folder), round_num, metrics.get(f"{view}/{KEY_METRIC}")):
                 written[view] = write_view(self.model, self.cfg, view, adapters, best_folder, round_num, metrics,
                                            self.cfg.export.merged, fingerprint, **details)

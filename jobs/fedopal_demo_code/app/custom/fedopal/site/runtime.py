@@ -70,6 +70,8 @@ class SiteRuntime:
         """Once per job: data, model, trainer, state. site_name: FLARE's (rank 0 only; the others are told)."""
         site = distributed.broadcast(site_name, ctx)
         main = ctx is None or ctx.is_main
+        job = job_identity(job_dict(cfg))  # the job's, the same at every site
+        cfg = cfg.model_copy(update={"data": cfg.data.for_site(site)})  # this site's own decoding (data.sites)
         spec = get_method(cfg.train.method, cfg.model.head)
         device = resolve_device(cfg.train.device, ctx.local_rank if ctx else None)
         check_precision(device, cfg.train.precision)
@@ -82,7 +84,7 @@ class SiteRuntime:
         dpsgd = cfg.privacy.enabled and cfg.privacy.mode == "dpsgd"
         trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device, ctx,
                               privacy=cfg.privacy if dpsgd else None, patient_of=patient_index(samples))
-        run = cls(cfg, site, ctx, trainer, policy=job_policy(cfg), job=job_identity(job_dict(cfg)))
+        run = cls(cfg, site, ctx, trainer, policy=job_policy(cfg), job=job)
         state, note = None, ""
         if main:
             folder = resolve_path(cfg.site_state_dir or os.path.join(os.getcwd(), "fedopal_site_state"))
@@ -126,12 +128,13 @@ class SiteRuntime:
         """What stays on the site: personal state (atomic), exports, the metrics log; and the round's line."""
         self.store.save_personal(self.model.site_state(), round_num, self.model.spec.name, metrics, job=self.job)
         self.exporter.write(round_num, metrics, self.cfg.train.num_rounds)  # <site state>/export/: the usable model
-        self.store.append_metrics({
-            "round": round_num, "site": self.site, "method": self.model.spec.name, "job": self.job,
+        self.store.append_metrics({  # rounds from 1 in the log, as everywhere a person reads them (FLARE's are 0-based)
+            "round": round_num + 1, "site": self.site, "method": self.model.spec.name, "job": self.job,
             "fedopal_version": fedopal.__version__, "n_train": self.trainer.num_train_samples,
             "bytes_sent": nbytes(update), "trainable_params": self.trainable, "wall_s": round(time.time() - started, 3),
             "started_at": started, "finished_at": time.time(), "received_norm": tensor_norm(received),
-            "device": self.where, "resumed_from_round": self.resumed_round,
+            "device": self.where,
+            "resumed_from_round": None if self.resumed_round is None else self.resumed_round + 1,
             "first_eligible_round": first_eligible_round(self.cfg), **stats, **metrics, **diagnostics})
         if "epsilon" in stats:
             print(f"[{self.site}] round {round_num + 1}: DP-SGD epsilon {stats['epsilon']:.3f} per {stats['unit']} at "
@@ -156,7 +159,7 @@ class SiteRuntime:
             tags["privacy/epsilon"] = stats["epsilon"]
         for tag, value in self.allowed(tags, "event_tag", "event").items():
             if value is not None:
-                self.writer.add_scalar(tag, value, global_step=round_num)
+                self.writer.add_scalar(tag, value, global_step=round_num + 1)  # TensorBoard's step: the round, from 1
 
     def outgoing(self, update: dict, metrics: dict) -> FLModel:
         """The train result: the update (a DIFF, so that a DP filter can clip and noise it), the metrics and meta

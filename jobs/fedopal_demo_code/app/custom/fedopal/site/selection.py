@@ -12,9 +12,9 @@ import math
 
 
 def first_eligible_round(cfg) -> int:
-    """The first round (0-based) whose numbers may be reported: under DP in update mode, round 0 trains from the
-    clean initial global model (no noised update had come back yet), so it is not eligible."""
-    return 1 if cfg.privacy.enabled and cfg.privacy.mode == "update" else 0
+    """The first round (counted from 1, as in metrics.jsonl) whose numbers may be reported: under DP in update mode,
+    round 1 trains from the clean initial global model (no noised update had come back yet), so it is not eligible."""
+    return 2 if cfg.privacy.enabled and cfg.privacy.mode == "update" else 1
 
 
 def defined(v) -> bool:
@@ -23,7 +23,7 @@ def defined(v) -> bool:
 
 def best_round(records: list[dict], key: str = "personalized/val/balanced_accuracy",
                first_eligible_round: int = 0) -> dict | None:
-    """The record where `key` peaked (ties: the earlier round) among rounds >= first_eligible_round (0-based); None
+    """The record where `key` peaked (ties: the earlier round) among rounds >= first_eligible_round; None
     where it is undefined in every eligible round (a val split with one class has no balanced accuracy)."""
     eligible = [r for r in records if r["round"] >= first_eligible_round and defined(r.get(key, math.nan))]
     return max(eligible, key=lambda r: r[key]) if eligible else None
@@ -35,7 +35,7 @@ def site_row(site: str, records: list[dict], first_eligible_round: int = 0) -> d
     chosen = best or final  # no measurable validation round: report the final round, and say so
     row = {
         "site": site,
-        "best_val_round": best["round"] + 1 if best else "n/a (final)",  # 1-based, as the progress lines
+        "best_val_round": best["round"] if best else "n/a (final)",
         "bacc_personalized": chosen["personalized/test/balanced_accuracy"],
         "bacc_global_only": chosen.get("global_only/test/balanced_accuracy", float("nan")),
         "accuracy": chosen["personalized/test/accuracy"],

@@ -1,32 +1,59 @@
 """Check a federation's data before any training: seconds here instead of a crash in round 7.
 
-    fedopal validate --config app_configs/demo.yaml [--site site-1 ...] [--deep] [--set KEY=VALUE ...]
+    fedopal validate --config app_configs/demo.yaml [--site site-1 ...] [--deep] [--limit 20] [--set KEY=VALUE ...]
 
-For every site: the manifest (columns, labels or class names, splits, files, a file in two splits), the file format
-against data.spatial_dims, and every file decoded exactly as the site decodes it (readers.py). The rest of the
-site's deterministic pipeline (orientation, spacing, size, channels into the backbone) runs on the first file of
-every kind found (format, dtype, channels, shape), or on every file with --deep. So what passes here starts
-training. Then per site and split it warns where a metric cannot be measured well: a class missing or under 30
-samples in val or test, or one class in train.
+For every site, in one pass, every problem (up to --limit per kind, then a count), grouped by kind, each naming the
+manifest row and the file: the manifest (columns, labels or class names, splits, patients, files, a file or a patient
+in two splits), each file's type read from its content, and every file decoded exactly as the site decodes it
+(readers.py, with the site's own decoding: data.sites). The rest of the site's deterministic pipeline (orientation,
+spacing, size, channels into the backbone) runs on the first file of every kind found (format, dtype, channels,
+shape), or on every file with --deep. So what passes here starts training; exit status 2 if anything does not.
 
-The client runs the same check for its own site when a job starts; `fedopal.tools.job --simulate` runs it for all sites
-before it touches the workspace.
+Per site it prints what was found, the effective decoding settings, how much of [0, 1] the decoded images use, the
+readers' warnings (a 16-bit file holding 12-bit values, signed CT/MR without a window), and where a metric cannot be
+measured well (a class missing or under 30 samples in val or test, one class in train). --deep adds a table of
+intensity statistics per site, after decoding, and flags a site far from the others.
+
+The client runs the same check for its own site when a job starts (it stops on the first problem, with the count);
+`fedopal job --simulate` runs it for all sites before it touches the workspace.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fedopal.config import ConfigError, load_config, parse_overrides
-from fedopal.site.data import (DataError, Sample, build_transforms, file_format, label_counts, read_manifest,
-                          site_manifest_path)
-from fedopal.site.readers import DecodeOptions, decode
+from fedopal.site.data import (DataError, Problems, Sample, build_transforms, file_format, label_counts,
+                               read_manifest, row_of, site_manifest_path)
+from fedopal.site.readers import DecodeOptions, decode, format_of
 
 SPLITS = ("train", "val", "test")
 MIN_PER_CLASS = 30  # below this, one image moves a class's recall by more than 3 points
+# a site is "far from the others" when its median decoded intensity is this far (on [0, 1]) from the federation's
+# median site, or when the part of [0, 1] it uses is under this fraction of that site's: a decoding setting to look at
+FAR_MEAN, FAR_RANGE = 0.15, 0.5
+
+
+@dataclass
+class FileStats:
+    """One decoded file's intensities (every channel, after decoding to [0, 1])."""
+
+    mean: float
+    p01: float  # 1st percentile
+    p99: float  # 99th percentile
+
+    @classmethod
+    def of(cls, image) -> "FileStats":
+        values = np.asarray(image, dtype=np.float32).ravel()
+        p01, p99 = np.percentile(values, (1, 99))
+        return cls(float(values.mean()), float(p01), float(p99))
 
 
 @dataclass
@@ -36,6 +63,20 @@ class SiteCheck:
     kinds: Counter = field(default_factory=Counter)  # FileInfo.kind -> files
     model_channels: int = 1
     warnings: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)
+    notes: list[str] = field(default_factory=list)  # the readers' warnings about single files
+    stats: list[FileStats] = field(default_factory=list)
+    piped: int = 0  # files that went through the whole deterministic pipeline
+
+    @property
+    def intensity(self) -> dict | None:
+        """Median over the site's files of each file's mean, 1st and 99th percentile; `used`: p99 - p01."""
+        if not self.stats:
+            return None
+        mean = statistics.median(s.mean for s in self.stats)
+        p01, p99 = statistics.median(s.p01 for s in self.stats), statistics.median(s.p99 for s in self.stats)
+        return {"files": len(self.stats), "mean": mean, "sd": statistics.pstdev(s.mean for s in self.stats),
+                "p01": p01, "p99": p99, "used": p99 - p01}
 
 
 def model_input_channels(cfg) -> int:
@@ -53,24 +94,36 @@ def model_input_channels(cfg) -> int:
     return 3  # efficientnet_lite0: ImageNet RGB
 
 
-def check_files(samples: list[Sample], cfg, deep: bool = False, model_channels: int | None = None) -> Counter:
-    """Decode every file as the site does; the rest of the deterministic pipeline on the first file of each kind
-    (all files with deep). Raises DataError naming the file."""
-    data_cfg = cfg.data
-    channels = model_input_channels(cfg) if model_channels is None else model_channels
+def check_files(check: SiteCheck, data_cfg, manifest: str, deep: bool = False) -> None:
+    """Decode every file as the site does (data_cfg: the site's own, DataConfig.for_site); the rest of the
+    deterministic pipeline on the first file of each kind (all files with deep). Every failure is a problem naming
+    the row and the file; the readers' notes, the file kinds and intensity statistics are kept on `check`."""
     opts = DecodeOptions.from_config(data_cfg)
-    pipeline = build_transforms(data_cfg, channels, None, train=False)
-    kinds: Counter = Counter()
-    for s in samples:
-        image, info = decode(s.path, opts)
+    try:
+        pipeline = build_transforms(data_cfg, check.model_channels, None, train=False)
+    except DataError as err:
+        check.problems.add("configuration", str(err))
+        return
+    signatures: set = set()
+    for s in check.samples:
+        where = row_of(manifest, s)
+        try:
+            image, info = decode(s.path, opts)
+        except DataError as err:
+            check.problems.add("unreadable file", f"{where}: {err}")
+            continue
+        check.notes += [f"{where}: {note}" for note in info.notes]
+        check.stats.append(FileStats.of(image))
         signature = (info.kind, info.shape)
-        if deep or signature not in kinds:
-            pipeline({"image": image, "label": s.label}, start=1)  # names the file if a step fails
-        kinds[signature] += 1
-    by_kind: Counter = Counter()
-    for (kind, _), n in kinds.items():
-        by_kind[kind] += n
-    return by_kind
+        if deep or signature not in signatures:
+            try:
+                pipeline({"image": image, "label": s.label}, start=1)  # names the file if a step fails
+                check.piped += 1
+            except DataError as err:
+                check.problems.add("pipeline", f"{where}: {err}")
+                continue
+        signatures.add(signature)
+        check.kinds[info.kind] += 1
 
 
 def measurability(samples: list[Sample], data_cfg) -> list[str]:
@@ -101,17 +154,27 @@ def measurability(samples: list[Sample], data_cfg) -> list[str]:
 
 def inspect_site(cfg, site: str, manifest: str | None = None, deep: bool = False,
                  model_channels: int | None = None) -> SiteCheck:
-    """Everything about one site's data that can fail, in one pass; raises DataError with a one-line message."""
+    """Everything about one site's data that can fail, in one pass: the problems are on the returned check."""
     manifest = manifest or site_manifest_path(cfg, site)
-    samples = read_manifest(manifest, cfg.data.num_classes, cfg.data.class_names)
-    file_format(samples, cfg.data.spatial_dims, manifest, cfg.data.in_channels)
+    data_cfg = cfg.data.for_site(site)
+    problems = Problems()
+    samples = read_manifest(manifest, data_cfg.num_classes, data_cfg.class_names, problems)
     channels = model_input_channels(cfg) if model_channels is None else model_channels
-    kinds = check_files(samples, cfg, deep, channels)
-    return SiteCheck(site, samples, kinds, channels, measurability(samples, cfg.data))
+    check = SiteCheck(site, [], model_channels=channels, problems=problems)
+    if samples:
+        file_format(samples, data_cfg.spatial_dims, manifest, data_cfg.in_channels, problems)
+        check.samples = [s for s in samples if format_of(s.path) is not None]  # the others are problems already
+        if not any(k == "shape" for k, _ in problems.items):
+            check_files(check, data_cfg, manifest, deep)
+        check.warnings = measurability(samples, data_cfg)
+    return check
 
 
 def check_site(cfg, site: str, manifest: str | None = None, deep: bool = False) -> list[Sample]:
-    return inspect_site(cfg, site, manifest, deep).samples
+    """A site's samples, every file checked; DataError with the first problem and how many more (site start)."""
+    check = inspect_site(cfg, site, manifest, deep)
+    check.problems.raise_first()
+    return check.samples
 
 
 def describe(check: SiteCheck, data_cfg=None) -> str:
@@ -122,7 +185,71 @@ def describe(check: SiteCheck, data_cfg=None) -> str:
              "{" + ", ".join(f"{name(c)}: {n}" for c, n in label_counts(check.samples, split).items()) + "}"
              for split in SPLITS]
     into = f" into {check.model_channels} channel(s)" if files else ""
-    return f"{check.site}: ok ({files}{into}; {'; '.join(parts)})"
+    status = "ok" if not check.problems else f"{len(check.problems)} problem{'s' if len(check.problems) > 1 else ''}"
+    return f"{check.site}: {status} ({files}{into}; {'; '.join(parts)})"
+
+
+def describe_decoding(data_cfg, site: str) -> str:
+    """The site's effective decoding settings, each marked (site) where data.sites sets it."""
+    def show(key, value):
+        if key == "intensity_range":
+            return f"[{value[0]:g}, {value[1]:g}]" if value else "each file's own encoding"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    return ", ".join(f"{k} {show(k, v)}{' (site)' if src == 'site' else ''}"
+                     for k, (v, src) in data_cfg.decoding(site).items())
+
+
+def describe_intensity(check: SiteCheck) -> str:
+    i = check.intensity
+    return (f"median over {i['files']} files: mean {i['mean']:.3f}, 1st-99th percentile {i['p01']:.3f}-"
+            f"{i['p99']:.3f}: uses {100 * i['used']:.0f}% of [0, 1]") if i else "no file decoded"
+
+
+def grouped_notes(notes: list[str], limit: int) -> list[str]:
+    """The readers' notes, one group per message (the file and its numbers aside): the first, and how many."""
+    groups: dict[str, list[str]] = {}
+    for note in notes:
+        text = note.split(": ", 2)[-1] if note.count(": ") >= 2 else note
+        groups.setdefault(re.sub(r"\d[\d.,]*", "#", text), []).append(note)
+    out = []
+    for members in groups.values():
+        out += members[:min(limit, 3)]
+        if len(members) > min(limit, 3):
+            out.append(f"... the same for {len(members) - min(limit, 3)} more file(s)")
+    return out
+
+
+def far_sites(checks: list[SiteCheck]) -> dict[str, str]:
+    """site -> why its decoded intensities are far from the other sites' (needs two sites with files)."""
+    have = [c.intensity | {"site": c.site} for c in checks if c.intensity]
+    if len(have) < 2:
+        return {}
+    # the federation's median site: with two sites both are flagged when they differ (which one is off, a person says)
+    mean = statistics.median(i["mean"] for i in have)
+    used = statistics.median(i["used"] for i in have)
+    out = {}
+    for mine in have:
+        why = []
+        if abs(mine["mean"] - mean) > FAR_MEAN:
+            why.append(f"median intensity {mine['mean']:.2f} vs {mean:.2f} for the federation's median site")
+        if used > 0 and mine["used"] < FAR_RANGE * used:
+            why.append(f"uses {100 * mine['used']:.0f}% of [0, 1] vs {100 * used:.0f}% for the federation's median "
+                       "site")
+        if why:
+            out[mine["site"]] = "; ".join(why)
+    return out
+
+
+def intensity_table(checks: list[SiteCheck]) -> list[str]:
+    far = far_sites(checks)
+    lines = ["| site | files | mean | sd of file means | 1st pct | 99th pct | [0, 1] used | far from the others |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        i = c.intensity
+        if i:
+            lines.append(f"| {c.site} | {i['files']} | {i['mean']:.3f} | {i['sd']:.3f} | {i['p01']:.3f} | "
+                         f"{i['p99']:.3f} | {100 * i['used']:.0f}% | {far.get(c.site, '')} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -130,19 +257,52 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--site", action="append", help="check only these sites (default: the config's sites)")
     p.add_argument("--deep", action="store_true",
-                   help="run the whole deterministic pipeline on every file (default: on the first of each kind)")
+                   help="run the whole deterministic pipeline on every file (default: on the first of each kind) "
+                        "and print intensity statistics per site")
+    p.add_argument("--limit", type=int, default=20, help="problems shown per kind and site (default 20), then a count")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.root=/data/fedopal (value parsed as YAML)")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, parse_overrides(args.set))
-        for site in args.site or cfg.federation.sites():
-            check = inspect_site(cfg, site, deep=args.deep)
-            print(describe(check, cfg.data), flush=True)
-            for warning in check.warnings:
-                print(f"warning: {site} {warning}", flush=True)
-    except (ConfigError, DataError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    checks = []
+    for site in args.site or cfg.federation.sites():
+        check = inspect_site(cfg, site, deep=args.deep)
+        checks.append(check)
+        data_cfg = cfg.data.for_site(site)
+        print(describe(check, data_cfg), flush=True)
+        print(f"  decoding: {describe_decoding(cfg.data, site)}")
+        print(f"  intensity after decoding: {describe_intensity(check)}")
+        if args.deep:
+            print(f"  --deep: {check.piped} of {len(check.samples)} files through the whole pipeline")
+        for kind, messages in check.problems.by_kind().items():
+            print(f"  {kind} ({len(messages)}):")
+            for message in messages[:args.limit]:
+                print(f"    {message}")
+            if len(messages) > args.limit:
+                print(f"    ... and {len(messages) - args.limit} more")
+        for note in grouped_notes(check.notes, args.limit):
+            print(f"warning: {site} {note}", flush=True)
+        for warning in check.warnings:
+            print(f"warning: {site} {warning}", flush=True)
+    if args.deep:
+        print("\nintensity after decoding, per site (median over its files):")
+        print("\n".join(intensity_table(checks)))
+    for site, why in far_sites(checks).items():
+        print(f"warning: {site} is far from the other sites after decoding ({why}): check its decoding "
+              "(data.sites.<site>.intensity_range, window_from_file)")
+    bad = [c for c in checks if c.problems]
+    if bad:
+        kinds = Counter(k for c in bad for k, _ in c.problems.items)
+        total = sum(kinds.values())
+        first = bad[0].problems.items[0][1]
+        more = (f" (+{total - 1} more in {len(bad)} of {len(checks)} site(s): "
+                + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + "; each listed above with its fix)"
+                if total > 1 else "")
+        print(f"error: {first}{more}", file=sys.stderr)
         return 2
     return 0
 
