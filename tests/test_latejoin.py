@@ -56,6 +56,7 @@ def test_late_joiner_keeps_the_global_adapter_frozen_and_learns_its_own(small_fe
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     # round 0: the starting model (the global model, exactly), so that validation may choose not to train
     assert [r["round"] for r in records] == [0, 1, 2] and all(r["bytes_sent"] == 0 for r in records)
+    assert all(r["method"] == records[0]["method"] and r["n_train"] > 0 for r in records)
     assert records[0]["personalized/test/auc"] == pytest.approx(records[0]["global_only/test/auc"])
     # the late joiner's model is a site export like any other
     assert predict_main(["--model", str(out / "export" / "best" / "personalized"), "--manifest", str(site_dir / "manifest.csv"), "--split", "test",

@@ -143,7 +143,8 @@ def train_site(cfg: FedOpalConfig, method: str, site: str, datasets: dict, globa
         stats = trainer.train_round() if round_num >= 0 else {"task_loss": math.nan, "orth_loss": math.nan,
                                                               "steps": 0, "train_s": 0.0}
         metrics = trainer.evaluate()
-        record = {"round": round_num + 1, "site": site,  # from 1; 0 is the evaluation before training "method": spec.name, "n_train": trainer.num_train_samples,
+        # rounds from 1, as every log a person reads; round 0 is the evaluation before any training
+        record = {"round": round_num + 1, "site": site, "method": spec.name, "n_train": trainer.num_train_samples,
                   "bytes_sent": 0, "trainable_params": trainable, "wall_s": round(time.time() - t0, 3),
                   **stats, **metrics}
         records.append(record)
