@@ -34,6 +34,7 @@ from fedopal.config import ConfigError, parse_overrides
 from fedopal.site.data import UNLABELED, DataError, Sample, build_inference_dataset, find_inputs, loader, read_input_manifest
 from fedopal.site.device import DeviceError, autocast, resolve_device
 from fedopal.site.export import ExportError, load_exported
+from fedopal.site.intervals import interval_keys, metric_intervals
 from fedopal.site.readers import format_of
 from fedopal.site.train import classification_metrics
 
@@ -115,12 +116,14 @@ def select_split(samples: list[Sample], split: str, source: str) -> list[Sample]
 
 
 def labelled_metrics(samples: list[Sample], probs: np.ndarray) -> dict[str, float] | None:
-    """Balanced accuracy, accuracy and AUC over the rows that carry a label (None if none does)."""
+    """Balanced accuracy, accuracy and AUC over the rows that carry a label (None if none does), with the 95 %
+    bootstrap intervals of balanced accuracy and AUC (`balanced_accuracy_ci_low`, ...; site.intervals)."""
     labels = np.array([s.label for s in samples])
     known = labels != UNLABELED
     if not known.any():
         return None
-    return classification_metrics(labels[known], probs[known]) | {"n": int(known.sum())}
+    return (classification_metrics(labels[known], probs[known])
+            | interval_keys("", metric_intervals(labels[known], probs[known])) | {"n": int(known.sum())})
 
 
 def evaluate_export(folder: str, manifest_path: str, split: str = "test", merged: bool = False,
@@ -264,8 +267,13 @@ def main(argv=None) -> int:
     metrics = labelled_metrics(samples, probs)
     if metrics:
         fmt = lambda v: "n/a" if np.isnan(v) else f"{v:.3f}"  # noqa: E731  (n/a: one class among the labels)
-        print(f"on {metrics['n']} labelled images: balanced accuracy {fmt(metrics['balanced_accuracy'])}, "
-              f"accuracy {fmt(metrics['accuracy'])}, AUC {fmt(metrics['auc'])}")
+
+        def with_ci(name: str) -> str:
+            low, high = metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"]
+            return fmt(metrics[name]) + ("" if np.isnan(low) else f" [{low:.3f}, {high:.3f}]")
+        print(f"on {metrics['n']} labelled images: balanced accuracy {with_ci('balanced_accuracy')}, "
+              f"accuracy {fmt(metrics['accuracy'])}, AUC {with_ci('auc')} ([95 % bootstrap interval over the "
+              "images, by class])")
     return 0
 
 

@@ -197,6 +197,13 @@ def _fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _fmt_ci(value, ci) -> str:
+    """'0.889 [0.832, 0.941]': a site's value with its 95 % interval, where it has one."""
+    if not ci or not _defined(value) or not all(_defined(b) for b in ci):
+        return _fmt(value)
+    return f"{_fmt(value)} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def covered_mean(values: list[float]) -> tuple[float, int]:
     """(mean over the defined values, how many there were): a mean must say how many sites it covers."""
     vals = [v for v in values if _defined(v)]
@@ -238,9 +245,10 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     lines = [f"### {cfg.name}: {cfg.train.method}, {len(rows)} sites, {cfg.train.num_rounds} rounds "
              f"({cfg.model.backbone}, r={cfg.model.lora_rank}, {head} head)", "",
              header, "|" + "---|" * (9 if has_dp else 8)]
+    cell = {"bacc_personalized": "bacc_personalized_ci", "auc": "auc_ci"}  # the columns shown with their interval
     for r in rows:
         lines.append(f"| {r['site']} | {_fmt(r['best_val_round'])} | "
-                     + " | ".join(_fmt(r[c]) for c in metric_cols[:4])
+                     + " | ".join(_fmt_ci(r[c], r.get(cell.get(c, ""))) for c in metric_cols[:4])
                      + f" | {_fmt(r['bacc_personalized_final'])} | {_fmt(r['bytes_per_round'])} |" + eps_cell(r))
     lines.append("| **mean** | | " + " | ".join(
         _fmt_mean(mean[c], coverage[c], total) if c != "bacc_global_only" or has_global else "**n/a**"
@@ -250,6 +258,9 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
         lines.append(f"| worst site | {worst['site']} | {_fmt(worst['bacc_personalized'])} | | | | | |"
                      + (" |" if has_dp else ""))
     notes = ["Test metrics at each site's best-validation round (balanced accuracy is the headline)."]
+    if any(r.get("bacc_personalized_ci") for r in rows):
+        notes.append("[low, high]: the 95 % bootstrap interval over the site's test images, stratified by class "
+                     "(docs/results.md, \"Intervals\").")
     if first:
         notes.append(f"Round{'s' if first > 1 else ''} 1{f'-{first}' if first > 1 else ''} trained from a global "
                      "model that had not yet received a noised update (differential privacy, update mode): never "
