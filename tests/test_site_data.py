@@ -271,3 +271,30 @@ def test_a_failed_simulation_prints_the_sites_one_line_error_and_its_log(tmp_pat
     log = os.path.join(str(tmp_path / "ws"), raw["name"], "site-2", "log.txt")
     assert f"(log: {log})" in last and os.path.isfile(log)
     assert "Simulation failed with return code" not in proc.stderr
+
+
+def test_the_report_shows_each_sites_interval_and_its_plot_marks_the_round_it_reports(tmp_path, monkeypatch):
+    """The table's cell carries the site's 95 % interval (from its metrics.jsonl); rounds.png stars the round the
+    table reports (the best validation round), not the last one; the cross-site caption names the final round."""
+    recs = [metrics_record("site-1", 1, 0.6, 0.7, 0.8), metrics_record("site-1", 2, 0.9, 0.8, 0.9),
+            metrics_record("site-1", 3, 0.7, 0.85, 0.95)]
+    recs[1] |= {"personalized/test/balanced_accuracy_ci_low": 0.71, "personalized/test/balanced_accuracy_ci_high": 0.88,
+                "personalized/test/auc_ci_low": 0.83, "personalized/test/auc_ci_high": 0.96}
+    (tmp_path / "site-1").mkdir()
+    (tmp_path / "site-1" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = summarize(str(tmp_path), tiny_config(), 1.0)
+    assert "| site-1 | 2 | 0.800 [0.71, 0.88] | 0.800 | 0.500 | 0.900 [0.83, 0.96] |" in summary["markdown"]
+    assert "[low, high]: the 95 % bootstrap interval over the site's test images" in summary["markdown"]
+    figures = []
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    from fedopal.tools.report import cross_site_markdown, write_summary
+
+    write_summary(summary, str(tmp_path / "out"))
+    (ax,) = figures[0].axes
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert len(stars) == 1 and list(stars[0].get_xdata()) == [2] and list(stars[0].get_ydata()) == [0.8]
+    matrix = {"metric": "test balanced_accuracy", "rows": ["global", "site-1"], "columns": ["site-1"],
+              "values": [[0.8], [0.9]]}
+    assert "Every row comes from the final round" in cross_site_markdown(matrix)

@@ -173,7 +173,8 @@ def plot_cross_site(matrix: dict, path: str, title: str) -> None:
 
 def cross_site_markdown(matrix: dict) -> str:
     lines = [f"Cross-site evaluation (NVFlare), {matrix['metric']}: rows are models, columns the site whose test split "
-             "evaluated them.", "", "| model | " + " | ".join(matrix["columns"]) + " |",
+             "evaluated them. Every row comes from the final round (the global model the server kept, each site's "
+             "personal state after its last round), not from the best-validation round of the table above.", "", "| model | " + " | ".join(matrix["columns"]) + " |",
              "|---|" + "---|" * len(matrix["columns"])]
     for name, row in zip(matrix["rows"], matrix["values"]):
         label = "global (final)" if name == "global" else f"{name} personalized"
@@ -324,9 +325,11 @@ def simulation_failure(job_ws: str) -> str:
             "for the cause.")
 
 
-def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eligible: int = 1) -> None:
+def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eligible: int = 1,
+                selected: dict[str, int] | None = None) -> None:
     """Balanced accuracy against rounds, per site: personalized (solid) and global-only (dashed), on test. Rounds
-    before `first_eligible` (no noised global model yet, DP update mode) are shaded and labelled."""
+    before `first_eligible` (no noised global model yet, DP update mode) are shaded and labelled. `selected`: each
+    site's round the summary table reports (its best validation round), marked with a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,6 +344,11 @@ def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eli
         if "global_only/test/balanced_accuracy" in rs[0]:
             ax.plot(rounds, [r["global_only/test/balanced_accuracy"] for r in rs], "--", color=color,
                     label=f"{site} global-only")
+        chosen = [r for r in rs if (selected or {}).get(site) == r["round"]]
+        if chosen:
+            ax.plot([chosen[0]["round"]], [chosen[0]["personalized/test/balanced_accuracy"]], "*", color=color,
+                    markersize=15, markeredgecolor="black",
+                    label="round in the table (best validation)" if i == 0 else None)
     if first_eligible > 1:
         ax.axvspan(0.5, first_eligible - 0.5, color="grey", alpha=0.15, label="before any noised update (not selected)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -356,11 +364,13 @@ def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eli
 
 def write_summary(summary: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
+    selected = {r["site"]: r["best_val_round"] for r in summary["sites"] if isinstance(r["best_val_round"], int)}
     plot_rounds(collect_site_records(summary["workspace"]), os.path.join(out_dir, "rounds.png"),
-                f"{summary['name']}: {summary['method']}", summary.get("first_eligible_round", 1))
+                f"{summary['name']}: {summary['method']}", summary.get("first_eligible_round", 1), selected)
     if summary.get("cross_site"):
         plot_cross_site(summary["cross_site"], os.path.join(out_dir, "cross_site.png"),
-                        f"{summary['name']}: {summary['method']}, cross-site evaluation")
+                        f"{summary['name']}: {summary['method']}, cross-site evaluation after the final round "
+                        f"({summary['config']['train']['num_rounds']})")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k not in ("markdown", "wire")}, f, indent=2)
     with open(os.path.join(out_dir, "wire_fields.json"), "w") as f:  # the wire audit (docs/privacy.md's table)
