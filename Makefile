@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv wheel privacy-audit demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
+.PHONY: .venv venv wheel privacy-audit select-poc demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc clean
 
@@ -71,6 +71,18 @@ demo-3d: prepare-3d
 # wait, download, per-site table, stop (always, even after a failure). Kept in workspace/poc/, on a free port.
 poc: prepare
 	$(PY) poc_setup/poc.py run jobs/fedopal_demo
+
+# Choosing a method on the consortium's own validation data (README "Which method for my consortium?"): a POC of the
+# demo federation, three candidates x 2 rounds as real FLARE jobs, the table in docs/results/select/; always stops.
+SELECT_POC := workspace/poc_select
+select-poc: prepare
+	$(PY) poc_setup/poc.py prepare --workspace $(SELECT_POC)/nvflare_poc --home $(SELECT_POC)/home -n 4
+	$(PY) poc_setup/poc.py start --workspace $(SELECT_POC)/nvflare_poc; \
+	$(FEDOPAL) select --config app_configs/demo.yaml --methods fedopal_w fedavg_lora local --rounds 2 \
+		--poc $(SELECT_POC)/nvflare_poc --out $(SELECT_POC)/results; status=$$?; \
+	$(PY) poc_setup/poc.py stop --workspace $(SELECT_POC)/nvflare_poc; \
+	test $$status -eq 0 && mkdir -p docs/results/select && \
+	cp $(SELECT_POC)/results/select.md $(SELECT_POC)/results/select.json docs/results/select/
 
 # The benchmark federations of "Which method for my consortium?" (README): concept shift (RetinaMNIST, a different
 # referral threshold per site) and small sites (BreastMNIST 64x64); the third is the demo federation.

@@ -27,7 +27,9 @@ from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
 
 from fedopal.model.adapters import build_model
+from fedopal.config import config_from_dict
 from fedopal.tools.job import PRIVACY_SCOPE, export_job
+from fedopal.tools.select import FlareSession, SelectError, select
 from fedopal.specs.methods import get_method
 from fedopal.policy.privacy import update_epsilon
 from fedopal.policy.install import shipped_policy
@@ -212,8 +214,28 @@ def poc_run(small_federation, tmp_path_factory):
                                                                 cb=record_processes)
                 status[name] = meta["status"] if meta else "TIMEOUT"
                 results[name] = sess.download_job_result(job_ids[name], str(tmp / "results"))
+        # fedopal select: two candidates, one round each, on site-2 and site-3 (policies that let validation metrics
+        # out; site-3 reads site-1's data); then on site-1 and site-2, where site-1's DP policy keeps them home
+        select_root = tmp / "select_federation"
+        select_root.mkdir()
+        os.symlink(root / "site-2", select_root / "site-2")
+        os.symlink(root / "site-1", select_root / "site-3")
+        flare = FlareSession(deployment.state.admin, deployment.admin_kit, 300)
+
+        def select_cfg(data_root, sites):
+            raw = tiny_config(data_root).model_dump(mode="json")
+            raw["federation"] = {"site_names": sites}
+            return config_from_dict(raw)
+        chosen = select(select_cfg(select_root, ["site-2", "site-3"]), ["fedavg_lora", "local"], 1, flare,
+                        str(tmp / "select"))
+        try:
+            select(select_cfg(root, SITES), ["local"], 1, flare, str(tmp / "select_blocked"))
+            refusal = None
+        except SelectError as err:
+            refusal = str(err)
         yield SimpleNamespace(poc=deployment, home=home, jobs=jobs, status=status, results=results, job_ids=job_ids,
-                              commands=commands, leak_state=str(tmp / "leak_state"), cfg=cfg)
+                              commands=commands, leak_state=str(tmp / "leak_state"), cfg=cfg, select=chosen,
+                              select_refusal=refusal, select_dir=str(tmp / "select"))
     finally:
         if deployment is None and os.path.isfile(os.path.join(workspace, poc.STATE_FILE)):
             deployment = poc.Poc.load(workspace)
@@ -381,3 +403,31 @@ def test_the_dp_site_policy_noises_updates_the_job_did_not_ask_to_noise(poc_run)
         assert abs(r["norm"] - expected) <= args["clip_norm"] + 5 * args["noise_multiplier"] * args["clip_norm"]
     log = _site_log(poc_run, "site-1", "plain")
     assert "differential privacy (site policy)" in log and "epsilon" in log
+
+
+@pytest.mark.slow
+def test_select_chooses_on_the_validation_metrics_the_sites_themselves_logged(poc_run):
+    """Each candidate ran as a real job; the value select read for a site (from the server's tracking events) is the
+    site's own metrics.jsonl value at that round; the choice is the highest site mean; the table says how to go on."""
+    summary = poc_run.select
+    assert [r["method"] for r in summary["rows"]] == ["fedavg_lora", "local"]
+    for row in summary["rows"]:
+        for site in ("site-2", "site-3"):
+            logged = [json.loads(line) for line in open(os.path.join(
+                poc_run.poc.prod_dir, site, "fedopal_site_state", site, METRICS_FILE))]
+            mine = [r for r in logged if r["method"] == row["method"] and r["job"].startswith(
+                f"fedopal_tiny_test_select_{row['method']}@")]
+            assert len(mine) == 1 and mine[0]["round"] == row["best_round"][site] == 1
+            assert row["val"][site] == pytest.approx(mine[0]["personalized/val/balanced_accuracy"], abs=1e-6)
+    best = max(summary["rows"], key=lambda r: np.mean(list(r["val"].values())))
+    assert summary["chosen"] == best["method"]
+    md = open(os.path.join(poc_run.select_dir, "select.md")).read()
+    assert f"| **{best['method']}** |" in md and f"--set train.method={best['method']} --export jobs" in md
+    assert json.load(open(os.path.join(poc_run.select_dir, "select.json")))["chosen"] == best["method"]
+
+
+@pytest.mark.slow
+def test_select_stops_in_one_line_where_a_site_keeps_validation_metrics_home(poc_run):
+    assert poc_run.select_refusal is not None and poc_run.select_refusal.count("\n") == 0
+    assert poc_run.select_refusal.startswith("site(s) site-1 sent no personalized/val/balanced_accuracy")
+    assert "Fix: ask those sites to allow 'personalized/val/*' by name" in poc_run.select_refusal
