@@ -14,7 +14,8 @@
 
 Each run is the production job (client, filter, aggregator, persistor) in the simulator. A finished run is
 cached in <out>/runs/<run id>.json, so an interrupted benchmark resumes where it stopped.
-Writes summary.csv, summary.md, studies.md and PNG plots to bench.out_dir.
+Writes summary.csv, summary.md, studies.md and PNG plots to bench.out_dir. A difference between two methods is called
+real when its 95 % paired bootstrap interval over sites x seeds excludes 0 (paired_bootstrap).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 import fedopal
 from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.site.device import DeviceError, check_precision, resolve_device
@@ -38,6 +41,8 @@ from fedopal.site.selection import best_round
 from fedopal.tools.report import collect_site_records, covered_mean, site_epsilons, updates_log
 
 EVALS = ("personalized", "global_only")
+FEDOPAL = ("fedopal_w", "fedopal_r", "fedopal_p")
+CI_METRICS = ("balanced_accuracy", "auc")
 DIAGNOSTICS = ("overlap_A", "overlap_B", "overlap_u", "random_A", "random_B", "random_u")
 
 
@@ -147,6 +152,10 @@ def site_results(result: dict, view: str) -> list[dict]:
             "val_balanced_accuracy": best[key],
             "balanced_accuracy": best[f"{view}/test/balanced_accuracy"],
             "accuracy": best[f"{view}/test/accuracy"], "auc": best[f"{view}/test/auc"],
+            # the site's 95 % interval over its test images at that round (site.intervals); "" in runs from before
+            # sites wrote them (every cached benchmark run)
+            **{f"{m}_ci_{end}": best.get(f"{view}/test/{m}_ci_{end}", "") for m in CI_METRICS
+               for end in ("low", "high")},
             "final_balanced_accuracy": records[-1][f"{view}/test/balanced_accuracy"],
             "bytes_per_round": result["bytes_received"].get(site, 0.0),
             "trainable_params": records[-1]["trainable_params"],
@@ -202,9 +211,102 @@ def aggregate(results: list[dict], view: str = "personalized") -> dict:
     }
 
 
-def _spread(a: tuple[float, float], b: tuple[float, float]) -> float:
-    """Twice the larger seed sd of two (mean, sd) pairs; nan when either has one seed (no sd)."""
-    return math.nan if math.isnan(a[1]) or math.isnan(b[1]) else 2 * max(a[1], b[1])
+# -- paired intervals: is a difference between two methods real? ---------------------------------------------
+
+PAIRED_LEVEL = 0.95
+PAIRED_RESAMPLES = 10_000
+
+
+def paired_resamples(n_sites: int, n_seeds: int, n_resamples: int = PAIRED_RESAMPLES,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(site indices (n_resamples, n_sites), seed indices (n_resamples, n_seeds)): every resample draws as many sites
+    as there are, and independently as many seeds, uniformly with replacement (numpy default_rng(seed))."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_sites, (n_resamples, n_sites)), rng.integers(0, n_seeds, (n_resamples, n_seeds))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Method a minus method b: the site-mean difference and its 95 % paired bootstrap interval."""
+    diff: float
+    low: float
+    high: float
+    n_sites: int
+    n_seeds: int
+
+    @property
+    def real(self) -> bool:
+        """The interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+    def text(self) -> str:
+        """'+0.021 [+0.004, +0.038], real'; one seed or one site: the difference alone, and why."""
+        if math.isnan(self.diff):
+            return "n/a"
+        if math.isnan(self.low):
+            return f"{self.diff:+.3f} (one {'seed' if self.n_seeds < 2 else 'site'}: no interval)"
+        return f"{self.diff:+.3f} [{self.low:+.3f}, {self.high:+.3f}]" + (", real" if self.real else "")
+
+
+def paired_bootstrap(diff: np.ndarray, level: float = PAIRED_LEVEL, n_resamples: int = PAIRED_RESAMPLES,
+                     seed: int = 0,
+                     resamples: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float, float]:
+    """(difference, low, high): the site-mean difference of two methods and its `level` percentile interval from a
+    paired two-way bootstrap over sites x seeds.
+
+    diff[s, k] = y_a[s, k] - y_b[s, k]: the two methods' test balanced accuracy on site s with seed k, S sites and
+    K seeds (paired: the same site's test set, the same seed). The statistic is the mean over seeds of the
+    site-mean difference,
+
+        theta = 1/(S K) sum_s sum_k diff[s, k]      (NaN cells, a site whose metric is undefined, left out).
+
+    Resample b draws sites s*_1..s*_S and, independently, seeds k*_1..k*_K, uniformly with replacement, and takes
+    theta*_b = 1/(S K) sum_i sum_j diff[s*_i, k*_j]: the table's rows and columns are resampled jointly, the same
+    draw for both methods (the difference table is what is resampled, so what makes a site's test set easy or
+    hard for both methods cancels). The interval is the (1 - level)/2 and (1 + level)/2 percentiles of the
+    theta*_b (Efron & Tibshirani, An Introduction to the Bootstrap, 1993, ch. 13, the percentile interval).
+
+    Why both, and jointly: sites and seeds are crossed, not nested. One seed is one federated run that trains every
+    site together, so its luck is shared by all sites; one site's test set is shared by every seed. Resampling
+    seeds alone would treat these 4 hospitals as the only ones (and 3 seeds give 10 distinct resamples); resampling
+    sites alone would leave out the training noise; resampling (site, seed) cells as if independent would leave
+    out both shared effects and be too narrow. Drawing rows and columns independently carries both: the two-way
+    ("pigeonhole") bootstrap for a crossed table (Owen, The pigeonhole bootstrap, Ann. Appl. Stat. 1(2), 2007;
+    the hierarchical bootstrap of Davison & Hinkley, Bootstrap Methods and their Application, 1997, sec. 3.8, is
+    its nested counterpart). No bootstrap of a crossed table is exact (McCullagh, Bernoulli 6(2), 2000): this one
+    is somewhat wide when the (site, seed) noise dominates and too narrow with few sites and seeds; coverage at
+    this benchmark's 4 sites x 3 seeds is measured in tests/test_bench.py (about 90 %, not 95 %; 95 % at 8 x 6).
+
+    resamples: the (site, seed) indices to use (paired_resamples), else drawn with `seed`."""
+    diff = np.asarray(diff, dtype=np.float64)
+    defined = ~np.isnan(diff)
+    estimate = float(diff[defined].mean()) if defined.any() else math.nan
+    sites, seeds = resamples if resamples is not None else paired_resamples(*diff.shape, n_resamples, seed)
+    cells = sites[:, :, None], seeds[:, None, :]  # resample b's table: diff[sites[b]][:, seeds[b]]
+    count = defined[cells].sum(axis=(1, 2))
+    total = np.where(defined, diff, 0.0)[cells].sum(axis=(1, 2))
+    thetas = (total / np.maximum(count, 1))[count > 0]  # a resample of undefined sites only has no theta
+    if not len(thetas):
+        return estimate, math.nan, math.nan
+    low, high = np.percentile(thetas, (100 * (1 - level) / 2, 100 * (1 + level) / 2))
+    return estimate, float(low), float(high)
+
+
+def paired_difference(a: dict[tuple[str, int], float], b: dict[tuple[str, int], float]) -> PairedDifference:
+    """a - b over the (site, seed) cells both have: {(site, seed): balanced accuracy} of two methods."""
+    sites = sorted({s for s, _ in a} & {s for s, _ in b})
+    seeds = sorted({k for _, k in a} & {k for _, k in b})
+    table = np.array([[a.get((s, k), math.nan) - b.get((s, k), math.nan) for k in seeds] for s in sites])
+    if len(sites) < 2 or len(seeds) < 2:  # an interval over one seed would leave out the training noise
+        estimate = float(np.nanmean(table)) if table.size and not np.isnan(table).all() else math.nan
+        return PairedDifference(estimate, math.nan, math.nan, len(sites), len(seeds))
+    return PairedDifference(*paired_bootstrap(table), len(sites), len(seeds))
+
+
+def site_seed_scores(results: list[dict], view: str = "personalized") -> dict[tuple[str, int], float]:
+    """{(site, seed): test balanced accuracy at the site's best-validation round} of one method's runs."""
+    return {(row["site"], r["spec"]["seed"]): row["balanced_accuracy"] for r in results
+            for row in site_results(r, view)}
 
 
 def _pm(ms: tuple[float, float], covered: int | None = None, total: int | None = None) -> str:
@@ -382,7 +484,8 @@ class Bench:
 # -- writing ---------------------------------------------------------------------------------------------
 
 def write_csv(main: dict[str, list[dict]], path: str) -> None:
-    cols = ["method", "seed", "site", "eval", "balanced_accuracy", "accuracy", "auc", "best_round",
+    cols = ["method", "seed", "site", "eval", "balanced_accuracy", "accuracy", "auc",
+            *(f"{m}_ci_{end}" for m in CI_METRICS for end in ("low", "high")), "best_round",
             "final_balanced_accuracy", "bytes_per_round", "trainable_params", "wall_s", "lr", *DIAGNOSTICS]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -453,34 +556,54 @@ def diagnostics_markdown(main: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def _diff_line(name_a: str, a: dict, name_b: str, b: dict) -> str:
-    diff = a["bacc"][0] - b["bacc"][0]
-    spread = _spread(a["bacc"], b["bacc"])
-    if min(a["n_seeds"], b["n_seeds"]) < 2:
-        verdict = "one seed, so no spread to judge it by: not a finding"
-    elif abs(diff) > spread:
-        verdict = "a real difference"
+PAIRED_NOTE = ("Differences: a method minus the one it is compared with (in a table, the row's minus the column's), "
+               "in site-mean test balanced accuracy (personalized view, each site at its best-validation round), with "
+               "the 95 % interval of a paired bootstrap over sites × seeds (sites and seeds resampled with replacement, "
+               "jointly, 10,000 resamples; docs/results.md, \"Intervals\"). *real*: the interval excludes 0.")
+
+
+def _diff_line(name_a: str, a: list[dict], name_b: str, b: list[dict]) -> str:
+    d = paired_difference(site_seed_scores(a), site_seed_scores(b))
+    if math.isnan(d.low):
+        verdict = "no interval (one seed or one site): not a finding"
     else:
-        verdict = "no difference (within twice the spread across seeds)"
-    sd_text = "" if math.isnan(spread) else f" (twice the larger sd: {spread:.3f})"
-    return (f"- {name_a} vs {name_b}: {diff:+.3f} mean balanced accuracy{sd_text}: {verdict}. "
-            f"Worst site: {a['worst'][0] - b['worst'][0]:+.3f}.")
+        verdict = "a real difference" if d.real else "no real difference (the interval holds 0)"
+    worst = aggregate(a)["worst"][0] - aggregate(b)["worst"][0]
+    return f"- {name_a} vs {name_b}: {d.text().removesuffix(', real')}: {verdict}. Worst site: {worst:+.3f}."
+
+
+def paired_markdown(cells: dict[str, dict[tuple[str, int], float]], means: dict[str, float],
+                    references: tuple[str, ...] = ("fedavg_lora", "local")) -> str:
+    """Every method against each reference method present: the paired difference and its interval."""
+    refs = [r for r in references if r in cells]
+    if not refs:
+        return ""
+    lines = ["| method | bal. acc. | " + " | ".join(f"vs {r}" for r in refs) + " |", "|" + "---|" * (2 + len(refs))]
+    for method in cells:
+        lines.append(f"| {method} | {means[method]:.3f} | " + " | ".join(
+            "—" if method == r else paired_difference(cells[method], cells[r]).text() for r in refs) + " |")
+    return "\n".join(lines)
 
 
 def reading(main: dict[str, list[dict]]) -> str:
-    """The comparisons the README asks for, computed from the numbers (the rule: > 2 x the seed spread)."""
+    """The comparisons the README asks for, computed from the numbers (real: the paired interval excludes 0)."""
+    main = {m: rs for m, rs in main.items() if aggregate(rs)}
     agg = {m: aggregate(rs) for m, rs in main.items()}
-    out = ["### Reading (generated from the numbers)", ""]
-    fedopal = [m for m in ("fedopal_w", "fedopal_r", "fedopal_p") if m in agg]
+    out = ["### Reading (generated from the numbers)", "", PAIRED_NOTE, ""]
+    table = paired_markdown({m: site_seed_scores(rs) for m, rs in main.items()},
+                            {m: a["bacc"][0] for m, a in agg.items()})
+    if table:
+        out += [table, ""]
+    fedopal = [m for m in FEDOPAL if m in agg]
     for m in fedopal:
         if "dual_lora" in agg:
-            out.append(_diff_line(m, agg[m], "dual_lora (lambda = 0)", agg["dual_lora"]))
+            out.append(_diff_line(m, main[m], "dual_lora (lambda = 0)", main["dual_lora"]))
         if "fedavg_lora" in agg:
-            out.append(_diff_line(m, agg[m], "fedavg_lora", agg["fedavg_lora"]))
+            out.append(_diff_line(m, main[m], "fedavg_lora", main["fedavg_lora"]))
     if agg:
         ranked = sorted(agg, key=lambda m: -agg[m]["bacc"][0])
         ranking = ", ".join(f"{m} {agg[m]['bacc'][0]:.3f}" for m in ranked)
-        out.append(f"- Ranking by mean balanced accuracy: {ranking}.")
+        out.append(f"- Ranking by mean balanced accuracy (an order of means, not of real differences): {ranking}.")
         for m in fedopal:
             better = [o for o in agg if o != m and agg[o]["bacc"][0] > agg[m]["bacc"][0]]
             worse_worst = [o for o in agg if o != m and agg[o]["worst"][0] > agg[m]["worst"][0]]
@@ -629,71 +752,84 @@ def plot(main: dict[str, list[dict]], out_dir: str) -> None:
 
 # -- "Which method for my consortium?": the guide across federations ------------------------------------------
 
-FEDOPAL = ("fedopal_w", "fedopal_r", "fedopal_p")
-
-
 def method_scores(summary_csv: str) -> dict[str, dict]:
     """From a bench summary.csv: per method, the site-mean test balanced accuracy of the personalized view per seed
-    (undefined sites left out), and its worst site per seed."""
-    per: dict[str, dict[str, list[float]]] = {}
+    (undefined sites left out), its worst site per seed, and every (site, seed) value (for paired differences)."""
+    per: dict[str, dict[tuple[str, int], float]] = {}
     with open(summary_csv, newline="") as f:
         for row in csv.DictReader(f):
             if row["eval"] != "personalized":
                 continue
-            per.setdefault(row["method"], {}).setdefault(row["seed"], []).append(float(row["balanced_accuracy"]))
+            per.setdefault(row["method"], {})[(row["site"], int(row["seed"]))] = float(row["balanced_accuracy"])
     out = {}
-    for method, seeds in per.items():
-        means = [covered_mean(v)[0] for v in seeds.values()]
-        worst = [min((x for x in v if not math.isnan(x)), default=math.nan) for v in seeds.values()]
-        out[method] = {"bacc": _mean_sd(means), "worst": _mean_sd(worst), "n_seeds": len(means)}
+    for method, cells in per.items():
+        seeds = sorted({k for _, k in cells})
+        by_seed = [[v for (_, k), v in cells.items() if k == seed] for seed in seeds]
+        means = [covered_mean(v)[0] for v in by_seed]
+        worst = [min((x for x in v if not math.isnan(x)), default=math.nan) for v in by_seed]
+        out[method] = {"bacc": _mean_sd(means), "worst": _mean_sd(worst), "n_seeds": len(means), "cells": cells}
     return out
 
 
-def _verdict(diff: float, spread: float, n_seeds: int) -> str:
-    if n_seeds < 2:
-        return "one seed: not a finding"
-    return "a real difference" if abs(diff) > spread else "within twice the seed spread: no real difference"
-
-
 def guide_markdown(folders: list[str]) -> str:
-    """One row per federation: the best method, FedOPAL's best variant and its rank, the differences that exceed twice
-    the seed spread, and a plain reading, all from the committed summaries."""
-    lines = ["| federation | best method (bal. acc.) | best FedOPAL variant: rank, bal. acc. | FedOPAL vs the best | "
-             "FedOPAL vs fedavg_lora | FedOPAL vs local | worst site: best method / FedOPAL |",
+    """One row per federation: the highest mean, FedOPAL's best variant and its rank, its paired differences from the
+    highest, fedavg_lora and local with their intervals; then every method against fedavg_lora and against local on
+    every federation, and a plain reading of which differences are real, all from the committed summaries."""
+    lines = ["| federation | highest mean (bal. acc.) | best FedOPAL variant: rank, bal. acc. | "
+             "FedOPAL vs the highest | FedOPAL vs fedavg_lora | FedOPAL vs local | worst site: highest / FedOPAL |",
              "|---|---|---|---|---|---|---|"]
+    scores_of = {os.path.basename(os.path.normpath(folder)): method_scores(os.path.join(folder, "summary.csv"))
+                 for folder in folders}
     readings = []
-    for folder in folders:
-        name = os.path.basename(os.path.normpath(folder))
-        scores = method_scores(os.path.join(folder, "summary.csv"))
+    for name, scores in scores_of.items():
         ranked = sorted(scores, key=lambda m: -scores[m]["bacc"][0])
         best = ranked[0]
         ours = max((m for m in FEDOPAL if m in scores), key=lambda m: scores[m]["bacc"][0], default=None)
-        if ours is None:
+        if ours is not None:
+            cells = ["—" if other == ours else "n/a" if other not in scores else
+                     paired_difference(scores[ours]["cells"], scores[other]["cells"]).text()
+                     for other in (best, "fedavg_lora", "local")]
+            lines.append(f"| {name} | {best} {_pm(scores[best]['bacc'])} | {ours}: {ranked.index(ours) + 1} of "
+                         f"{len(ranked)}, {_pm(scores[ours]['bacc'])} | " + " | ".join(cells) +
+                         f" | {scores[best]['worst'][0]:.3f} / {scores[ours]['worst'][0]:.3f} |")
+        readings.append(f"- **{name}**: " + _guide_reading(scores, best))
+    lines += ["", "*bal. acc.*: mean ± sd over seeds of the site-mean test balanced accuracy (personalized view, each "
+              "site at its best-validation round). " + PAIRED_NOTE, ""]
+    methods = list(dict.fromkeys(m for scores in scores_of.values() for m in scores))
+    for ref in ("fedavg_lora", "local"):
+        if not any(ref in scores for scores in scores_of.values()):
             continue
-        cells = []
-        for other in (best, "fedavg_lora", "local"):
-            if other not in scores or other == ours:
-                cells.append("—" if other == ours else "n/a")
-                continue
-            diff = scores[ours]["bacc"][0] - scores[other]["bacc"][0]
-            spread = _spread(scores[ours]["bacc"], scores[other]["bacc"])
-            n = min(scores[ours]["n_seeds"], scores[other]["n_seeds"])
-            cells.append(f"{diff:+.3f} (one seed)" if n < 2 else
-                         f"{diff:+.3f} (2 sd {spread:.3f}{'' if abs(diff) <= spread else ', real'})")
-        lines.append(f"| {name} | {best} {_pm(scores[best]['bacc'])} | {ours}: {ranked.index(ours) + 1} of "
-                     f"{len(ranked)}, {_pm(scores[ours]['bacc'])} | " + " | ".join(cells) +
-                     f" | {scores[best]['worst'][0]:.3f} / {scores[ours]['worst'][0]:.3f} |")
-        diff = scores[ours]["bacc"][0] - scores[best]["bacc"][0]
-        spread = _spread(scores[ours]["bacc"], scores[best]["bacc"])
-        verdict = _verdict(diff, spread, min(scores[ours]["n_seeds"], scores[best]["n_seeds"]))
-        readings.append(f"- **{name}**: {best} leads ({scores[best]['bacc'][0]:.3f}); the best FedOPAL variant, "
-                        f"{ours}, is {ranked.index(ours) + 1} of {len(ranked)} "
-                        + ("and is the best method." if ours == best else
-                           f"at {diff:+.3f} ({verdict}).")
-                        + f" Order: {', '.join(ranked)}.")
-    return "\n".join(lines + ["", "Mean ± sd over seeds of the site-mean test balanced accuracy (personalized "
-                                   "view, each site at its best-validation round). A difference is called real only "
-                                   "when it exceeds twice the larger seed sd.", ""] + readings)
+        lines += [f"Every method against `{ref}`:", "", "| method | " + " | ".join(scores_of) + " |",
+                  "|" + "---|" * (1 + len(scores_of))]
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(
+                "n/a" if method not in scores or ref not in scores else "—" if method == ref else
+                paired_difference(scores[method]["cells"], scores[ref]["cells"]).text()
+                for scores in scores_of.values()) + " |")
+        lines.append("")
+    above = [m for m in methods if m != "fedavg_lora" and all(
+        m in sc and "fedavg_lora" in sc and _real_sign(sc[m]["cells"], sc["fedavg_lora"]["cells"]) > 0
+        for sc in scores_of.values())]
+    readings.append(f"- Really above `fedavg_lora` on every federation: {', '.join(above) or 'no method'}.")
+    return "\n".join(lines + readings)
+
+
+def _real_sign(a: dict, b: dict) -> int:
+    """+1 where a - b is real and positive, -1 real and negative, 0 otherwise."""
+    d = paired_difference(a, b)
+    return 0 if not d.real else 1 if d.diff > 0 else -1
+
+
+def _guide_reading(scores: dict[str, dict], best: str) -> str:
+    """The differences that are real on one federation: below the highest mean, and above or below fedavg_lora and
+    local."""
+    def real(ref: str, sign: int) -> str:
+        return ", ".join(m for m in scores if m != ref and _real_sign(scores[m]["cells"], scores[ref]["cells"]) == sign)
+
+    parts = [f"highest mean {best} ({scores[best]['bacc'][0]:.3f}), really below it: {real(best, -1) or 'none'}"]
+    parts += [f"vs {ref}: really above {real(ref, 1) or 'none'}, really below {real(ref, -1) or 'none'}"
+              for ref in ("fedavg_lora", "local") if ref in scores and ref != best]
+    return "; ".join(parts) + f". Order of means: {', '.join(sorted(scores, key=lambda m: -scores[m]['bacc'][0]))}."
 
 
 def run_only(bench: Bench, study: str, cached_only: bool = False) -> int:
