@@ -298,3 +298,15 @@ def test_the_report_shows_each_sites_interval_and_its_plot_marks_the_round_it_re
     matrix = {"metric": "test balanced_accuracy", "rows": ["global", "site-1"], "columns": ["site-1"],
               "values": [[0.8], [0.9]]}
     assert "Every row comes from the final round" in cross_site_markdown(matrix)
+
+
+def test_the_dp_note_is_only_in_a_dp_table(tmp_path):
+    (tmp_path / "site-1").mkdir()
+    (tmp_path / "site-1" / "metrics.jsonl").write_text(
+        "".join(json.dumps(metrics_record("site-1", r, 0.6 + r / 10, 0.7, 0.8)) + "\n" for r in (1, 2)))
+    assert "differential privacy" not in summarize(str(tmp_path), tiny_config(), 1.0)["markdown"]
+    raw = tiny_config().model_dump(mode="json")
+    raw["privacy"].update(noise_multiplier=1.0, mode="update")
+    raw["federation"]["aggregation_weights"] = "equal"
+    md = summarize(str(tmp_path), config_from_dict(raw), 1.0)["markdown"]
+    assert "Round 1 trained from a global model that had not yet received a noised update" in md

@@ -155,3 +155,71 @@ def test_what_validate_names_is_what_the_site_names(tmp_path):
     warnings = [line for line in out.splitlines() if line.startswith("warning: site-1") and "intensity_range" in line]
     assert warnings and "12 bit" in " ".join(warnings)
     assert sum("... the same for" in line for line in out.splitlines()) <= 1
+
+
+def test_a_misnamed_folder_is_matched_to_its_site_never_to_another_sites_folder(tmp_path):
+    """hospital_a for hospital-a beside hospital-b: the hint names hospital_a (hospital-b is a site's own folder)."""
+    write_site(tmp_path / "fed" / "hospital_a", FILES, SPLIT_ROWS)
+    write_site(tmp_path / "fed" / "hospital-b", FILES, SPLIT_ROWS)
+    config = write_config(tmp_path, tmp_path / "fed", federation={"site_names": ["hospital-a", "hospital-b"],
+                                                                  "num_sites": 2})
+    code, out, err = validate("--config", config)
+    assert code == 2 and "Found the folder 'hospital_a'" in err and "'hospital-b'" not in err
+    assert "hospital-a: 1 problem (no usable row)" in out
+
+
+def test_a_range_that_blanks_every_image_is_a_problem_and_a_sliver_a_warning_naming_the_sites_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"intensity_range \[4095.0, 0.0\] must be \[low, high\] with low < high"):
+        config_from_dict({"data": {"intensity_range": [4095, 0]}})
+    with pytest.raises(ConfigError, match="must be"):
+        config_from_dict({"data": {"sites": {"site-1": {"intensity_range": [5, 5]}}}})
+    values = np.full((12, 12), 3000, np.uint16)
+    files16 = {f"{k}.png": (lambda p: Image.fromarray(values).save(p)) for k in "abcd"}
+    write_site(tmp_path / "fed" / "site-1", files16, SPLIT_ROWS)
+    config = write_config(tmp_path, tmp_path / "fed")
+    code, out, err = validate("--config", config, "--set", "data.sites={site-1: {intensity_range: [5000, 6000]}}")
+    assert code == 2 and "every decoded image is a single value (0)" in err
+    assert "Fix: set data.sites.site-1.intensity_range" in err
+    code, out, _ = validate("--config", config)  # 3000 / 65535: a sliver of [0, 1]
+    assert code == 0
+    assert "warning: site-1 decoded images use 0% of [0, 1]" in out and "set data.sites.site-1.intensity_range" in out
+    notes = [line for line in out.splitlines() if "fit 12 bits" in line]
+    assert len(notes) == 1 and "(and 3 more file(s) alike)" in notes[0]
+    assert "data.sites.site-1.intensity_range: [0, 4095]" in notes[0]
+
+
+def test_a_repeated_row_is_a_problem_and_limit_must_be_positive(tmp_path):
+    rows = SPLIT_ROWS + [("a.png", 0, "train")]
+    write_site(tmp_path / "fed" / "site-1", FILES, rows)
+    config = write_config(tmp_path, tmp_path / "fed")
+    code, out, _ = validate("--config", config)
+    assert code == 2 and "manifest.csv:6:" in out and "is listed again (first at row 2, also 'train')" in out
+    with pytest.raises(SystemExit):
+        validate("--config", config, "--limit", "0")
+
+
+def test_a_simulation_stops_before_it_starts_naming_every_broken_site(tmp_path):
+    from fedopal.tools.job import preflight
+
+    write_site(tmp_path / "fed" / "site-1", FILES, [("a.png", 5, "train")] + SPLIT_ROWS[1:])
+    write_site(tmp_path / "fed" / "site-2", FILES, [("a.png", 0, "tets")] + SPLIT_ROWS[1:])
+    with pytest.raises(DataError) as err:
+        preflight(tiny_config(tmp_path / "fed"))
+    assert "manifest.csv:2: label 5 is out of range" in str(err.value)
+    assert "(+1 more problem: site-1 1, site-2 1; fedopal validate lists them all)" in str(err.value)
+
+
+def test_predict_may_mix_format_families_a_site_may_not(tmp_path):
+    """A site's training data is one format family; files to predict may mix PNG and DICOM, each decoded as itself."""
+    from dicomgen import write_dicom
+
+    from fedopal.site.data import Sample, build_inference_dataset, file_format
+
+    Image.fromarray(np.full((12, 12), 40, np.uint8)).save(tmp_path / "a.png")
+    write_dicom(tmp_path / "IM0001", np.full((12, 12), 40, np.uint8))
+    samples = [Sample(str(tmp_path / "a.png"), -1, ""), Sample(str(tmp_path / "IM0001"), -1, "")]
+    with pytest.raises(DataError, match="mixed file types: 1 image files and 1 dicom"):
+        file_format(samples, 2, "manifest.csv")
+    cfg = tiny_config(tmp_path)
+    images = [item["image"] for item in build_inference_dataset(cfg.data, samples, 1, None)]
+    np.testing.assert_allclose(images[0].numpy(), images[1].numpy(), atol=1e-6)

@@ -364,11 +364,16 @@ def preflight(cfg: FedOpalConfig) -> None:
     checkpoint). Raises DeviceError / DataError / BackboneError with a one-line message; nothing on disk is touched."""
     from fedopal.model.adapters import build_model
     from fedopal.site.device import check_precision, resolve_device
-    from fedopal.site.validate import check_site
+    from fedopal.site.data import DataError
+    from fedopal.site.validate import inspect_site
 
     check_precision(resolve_device(cfg.train.device), cfg.train.precision)
-    for site in cfg.federation.sites():
-        check_site(cfg, site)
+    bad = [c for c in (inspect_site(cfg, site) for site in cfg.federation.sites()) if c.problems]
+    if bad:  # every site checked: the first problem, and how many more where
+        first, total = bad[0].problems.items[0][1], sum(len(c.problems) for c in bad)
+        where = ", ".join(f"{c.site} {len(c.problems)}" for c in bad)
+        raise DataError(first + (f" (+{total - 1} more problem{'s' if total > 2 else ''}: {where}; fedopal validate "
+                                 "lists them all)" if total > 1 else ""))
     build_model(cfg, get_method(cfg.train.method, cfg.model.head))
 
 

@@ -262,10 +262,11 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     if any(r.get("bacc_personalized_ci") for r in rows):
         notes.append("[low, high]: the 95 % bootstrap interval over the site's test images, stratified by class "
                      "(docs/results.md, \"Intervals\").")
-    if first:
-        notes.append(f"Round{'s' if first > 1 else ''} 1{f'-{first}' if first > 1 else ''} trained from a global "
-                     "model that had not yet received a noised update (differential privacy, update mode): never "
-                     "selected, so the headline reflects what DP leaves of the federation.")
+    if first > 1:  # rounds from 1: before `first`, no noised update had come back (DP, update mode)
+        excluded = "Round 1" if first == 2 else f"Rounds 1-{first - 1}"
+        notes.append(f"{excluded} trained from a global model that had not yet received a noised update "
+                     "(differential privacy, update mode): never selected, so the headline reflects what DP leaves "
+                     "of the federation.")
     if any(not _defined(r[c]) for r in rows for c in ("bacc_personalized", "auc")):
         notes.append("n/a: undefined on that site's split (one class present: no balanced accuracy or AUC); a mean "
                      "over fewer sites says how many it covers.")
