@@ -796,16 +796,16 @@ def guide_markdown(folders: list[str]) -> str:
     lines += ["", "*bal. acc.*: mean ± sd over seeds of the site-mean test balanced accuracy (personalized view, each "
               "site at its best-validation round). " + PAIRED_NOTE, ""]
     methods = list(dict.fromkeys(m for scores in scores_of.values() for m in scores))
-    for ref in ("fedavg_lora", "local"):
-        if not any(ref in scores for scores in scores_of.values()):
-            continue
-        lines += [f"Every method against `{ref}`:", "", "| method | " + " | ".join(scores_of) + " |",
-                  "|" + "---|" * (1 + len(scores_of))]
+    columns = [(name, ref) for name, scores in scores_of.items() for ref in ("fedavg_lora", "local") if ref in scores]
+    if columns:
+        lines += ["Every method against `fedavg_lora` and against `local`, on each federation:", "",
+                  "| method | " + " | ".join(f"{name}: vs {ref}" for name, ref in columns) + " |",
+                  "|" + "---|" * (1 + len(columns))]
         for method in methods:
             lines.append(f"| {method} | " + " | ".join(
-                "n/a" if method not in scores or ref not in scores else "—" if method == ref else
-                paired_difference(scores[method]["cells"], scores[ref]["cells"]).text()
-                for scores in scores_of.values()) + " |")
+                "n/a" if method not in scores_of[name] else "—" if method == ref else
+                paired_difference(scores_of[name][method]["cells"], scores_of[name][ref]["cells"]).text()
+                for name, ref in columns) + " |")
         lines.append("")
     above = [m for m in methods if m != "fedavg_lora" and all(
         m in sc and "fedavg_lora" in sc and _real_sign(sc[m]["cells"], sc["fedavg_lora"]["cells"]) > 0
