@@ -229,7 +229,7 @@ def poc_run(small_federation, tmp_path_factory):
         chosen = select(select_cfg(select_root, ["site-2", "site-3"]), ["fedavg_lora", "local"], 1, flare,
                         str(tmp / "select"))
         try:
-            select(select_cfg(root, SITES), ["local"], 1, flare, str(tmp / "select_blocked"))
+            select(select_cfg(root, SITES), ["dual_lora"], 1, flare, str(tmp / "select_blocked"))
             refusal = None
         except SelectError as err:
             refusal = str(err)
