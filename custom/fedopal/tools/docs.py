@@ -230,6 +230,8 @@ NOT_RUN_HERE = {
                                    "project.yml on one machine (POC)",
     ".venv/bin/fedopal predict --model <site state>": "needs a trained site's export: tests/test_predict.py runs it",
     ".venv/bin/fedopal latejoin --global-model": "needs a finished federation: tests/test_latejoin_e2e.py runs it",
+    "fedopal select --config consortium.yaml": "needs a running consortium and its admin kit: tests/test_poc_e2e.py "
+                                               "runs it in a POC, make select-poc on the demo",
 }
 
 
