@@ -55,6 +55,13 @@ class _Section(BaseModel):
 SITE_DECODING_KEYS = ("intensity_range", "window_from_file", "channel_adapt")
 
 
+def _ascending_range(value):
+    if value is not None and not value[0] < value[1]:
+        raise ValueError(f"intensity_range {list(value)} must be [low, high] with low < high (it maps low to 0 and "
+                         "high to 1); swap or correct them")
+    return value
+
+
 class SiteDecoding(_Section):
     """One site's own decoding (data.sites.<site>): the keys it sets replace data.*'s for that site only; a key left
     out follows data.*. `intensity_range: null` given explicitly returns that site to each file's own encoding."""
@@ -63,6 +70,11 @@ class SiteDecoding(_Section):
     window_from_file: Optional[bool] = Field(None, description="as data.window_from_file, this site")
     channel_adapt: Optional[Literal["adapt", "repeat", "error"]] = Field(None, description="as data.channel_adapt, "
                                                                                           "this site")
+
+    @field_validator("intensity_range")
+    @classmethod
+    def _range_ascends(cls, value):
+        return _ascending_range(value)
 
 
 class DataConfig(_Section):
@@ -119,6 +131,11 @@ class DataConfig(_Section):
             raise ValueError(f"data.num_classes is {self.num_classes} but data.class_names names {len(names)} "
                              f"classes; set data.num_classes: {len(names)} or drop it")
         return self
+
+    @field_validator("intensity_range")
+    @classmethod
+    def _range_ascends(cls, value):
+        return _ascending_range(value)
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if self.class_names else str(index)

@@ -28,7 +28,7 @@ from monai.transforms import (
 
 from fedopal.config import near_misses
 from fedopal.site.readers import (FAMILY, FORMATS, AdaptChannelsd, DataError, DecodeImaged, DecodeOptions, format_of,
-                                  layout, suffix_of, unsupported_reason)
+                                  fix_for, layout, suffix_of, unsupported_reason)
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split")
@@ -146,14 +146,16 @@ def _row_path(base: str, text: str, where: str) -> str:
     raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
 
 
-def _manifest_not_found(manifest_path: str) -> str:
+def _manifest_not_found(manifest_path: str, sites=()) -> str:
     """The message for a missing manifest, with the near misses a person makes: the site's folder named a little
-    differently (hospital_a for hospital-a), or the manifest (Manifest.csv, manifest.csv.txt)."""
+    differently (hospital_a for hospital-a; never another of the federation's `sites`), or the manifest
+    (Manifest.csv, manifest.csv.txt)."""
     folder, name = os.path.split(os.path.abspath(manifest_path))
     root, site = os.path.split(folder)
     hint = ""
     if not os.path.isdir(folder) and os.path.isdir(root):
-        close = near_misses(site, [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))])
+        close = near_misses(site, [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                                   and d not in sites])
         if close:
             hint = (f" Found the folder '{close[0]}' in {root}: rename it to '{site}', or set "
                     "federation.site_names to the folders' names.")
@@ -167,11 +169,12 @@ def _manifest_not_found(manifest_path: str) -> str:
 
 
 def read_manifest(manifest_path: str, num_classes: int, class_names=None,
-                  problems: Problems | None = None) -> list[Sample]:
+                  problems: Problems | None = None, sites=()) -> list[Sample]:
     """The site's rows as Samples. Every bad row is a problem naming the manifest, the row and the fix: with a
-    `problems` collector all of them are collected (and the bad rows left out), without one the first is raised."""
+    `problems` collector all of them are collected (and the bad rows left out), without one the first is raised.
+    sites: the federation's site names (a missing site folder's near miss is never another site's folder)."""
     if not os.path.isfile(manifest_path):
-        _report(problems, "manifest", _manifest_not_found(manifest_path))
+        _report(problems, "manifest", _manifest_not_found(manifest_path, sites))
         return []
     base = os.path.dirname(os.path.abspath(manifest_path))
     header, rows = read_csv(manifest_path)
@@ -211,6 +214,11 @@ def read_manifest(manifest_path: str, num_classes: int, class_names=None,
             _report(problems, "file not found", str(err))
             continue
         key = os.path.realpath(path)
+        if ok and key in seen and seen[key][1] == split:
+            _report(problems, "file listed twice",
+                    f"{where}: {path} is listed again (first at row {seen[key][0]}, also '{split}'). Fix: remove the "
+                    "repeated row (it would count the image twice in training and in the metrics).")
+            continue
         if ok and key in seen and seen[key][1] != split:
             first_row, first_split = seen[key]
             _report(problems, "file in two splits",
@@ -247,18 +255,19 @@ def row_of(manifest_path: str, sample: Sample) -> str:
 
 
 def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "", in_channels: int = 1,
-                problems: Problems | None = None) -> str | None:
+                problems: Problems | None = None, one_family: bool = True) -> str | None:
     """The site's one format family, each file's type decided by its content (readers.format_of); 2D files in a 3D
     config (and the reverse) stop here, before training. With `problems`, every file of an unsupported type is one
-    problem naming its row, and the bad files are left for the caller to skip; None if no file is usable."""
+    problem naming its row, and the bad files are left for the caller to skip; None if no file is usable.
+    one_family: a site's training data is one format family (so its images are decoded alike); files to predict
+    (one_family=False) may mix them, each decoded by its own format."""
     formats = {}
     for s in samples:
         fmt = format_of(s.path)
         if fmt is None:
-            _report(problems, "unsupported file",
-                    f"{row_of(manifest_path, s)}: {s.path}: {unsupported_reason(s.path)}. Fix: use one of "
-                    f"{', '.join(FORMATS)} (the type is read from the file's content; a folder holds one DICOM "
-                    "series), or remove the row.")
+            reason = unsupported_reason(s.path)
+            _report(problems, "unsupported file", f"{row_of(manifest_path, s)}: {s.path}: {reason}. Fix: "
+                                                  f"{fix_for(reason)} (the type is read from the file's content).")
         else:
             formats[s.path] = fmt
     if not formats:
@@ -267,7 +276,7 @@ def file_format(samples: list[Sample], spatial_dims: int, manifest_path: str = "
     for path, fmt in formats.items():
         by_family.setdefault(FAMILY[fmt], []).append(path)
     family = max(by_family, key=lambda f: len(by_family[f]))
-    if len(by_family) > 1:
+    if len(by_family) > 1 and one_family:
         others = ", ".join(f"{len(paths)} {f} (e.g. {paths[0]})" for f, paths in by_family.items() if f != family)
         _report(problems, "mixed file types",
                 f"{manifest_path}: mixed file types: {len(by_family[family])} {family} files and {others}. "
@@ -555,7 +564,7 @@ def build_inference_dataset(data_cfg, samples: list[Sample], model_in_channels: 
                             source: str = "", keep_going: bool = False) -> Dataset:
     """The evaluation pipeline (no augmentation) over a list of samples, labelled or not. keep_going: a file that
     fails to decode does not stop the others; its item's `unreadable` holds the one-line reason ('' when read)."""
-    family = file_format(samples, data_cfg.spatial_dims, source, data_cfg.in_channels)
+    family = file_format(samples, data_cfg.spatial_dims, source, data_cfg.in_channels, one_family=False)
     transform = build_transforms(data_cfg, model_in_channels, normalization, train=False, family=family)
     dataset = _NamedFileDataset([{"image": s.path, "label": s.label} for s in samples], transform)
     if keep_going:  # every good item leaves the pipeline this shape (resized, channels adapted)

@@ -176,11 +176,14 @@ def _dicom_kind(path: str, preamble: bool) -> tuple[str | None, str]:
 
 
 
-def _fix_for(reason: str) -> str:
+def fix_for(reason: str) -> str:
+    """What to do about a file refused for `reason` (unsupported_reason's words)."""
     if reason == DICOMDIR_REASON:
         return "list the image files it indexes (or their series folders), not the DICOMDIR"
     if reason.startswith("a gzip-compressed DICOM"):
         return "decompress it (gunzip) and list the DICOM file"
+    if reason.startswith(("empty file", "truncated", "unreadable")):
+        return "copy the file again from its source, or remove its row"
     if reason.startswith(("a NIfTI header whose", "an Analyze")):
         return "save the pair as one NIfTI file, e.g. nib.save(nib.load('x.hdr'), 'x.nii.gz')"
     return ("use PNG, JPEG, NPY, NIfTI (.nii, .nii.gz) or DICOM files (or a folder holding one DICOM series), "
@@ -470,7 +473,7 @@ def _not_an_image(ds) -> tuple[str, str] | None:
     """(what the object is, the fix) for a DICOM object that is not an image; None for an image."""
     sop = _sop_class(ds)
     if sop == DICOMDIR_UID or "DirectoryRecordSequence" in ds:
-        return DICOMDIR_REASON, _fix_for(DICOMDIR_REASON)
+        return DICOMDIR_REASON, fix_for(DICOMDIR_REASON)
     if sop == SEGMENTATION_UID or str(ds.get("Modality", "")) == "SEG":
         return "a DICOM Segmentation object, not an image", "list it as a mask, not as an image"
     for prefix, what in NOT_IMAGES.items():
@@ -853,7 +856,7 @@ def decode(path: str, opts: DecodeOptions) -> tuple[MetaTensor, FileInfo]:
     """One file (or DICOM series folder) -> (float32 MetaTensor (C, *spatial) in [0, 1] with its affine, FileInfo)."""
     fmt, reason = _sniff(path)
     if fmt is None:
-        raise DataError(f"{path}: {reason}. Fix: {_fix_for(reason)}.")
+        raise DataError(f"{path}: {reason}. Fix: {fix_for(reason)}.")
     arr, affine, info = READ[FAMILY[fmt]](path, opts)
     if not np.isfinite(arr).all():
         raise DataError(f"{path}: holds NaN or infinite values. Fix: re-export it with finite values.")

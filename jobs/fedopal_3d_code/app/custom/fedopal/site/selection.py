@@ -29,6 +29,12 @@ def best_round(records: list[dict], key: str = "personalized/val/balanced_accura
     return max(eligible, key=lambda r: r[key]) if eligible else None
 
 
+def interval(record: dict, key: str) -> list[float] | None:
+    """[low, high] of the metric `key` in a metrics.jsonl record, None where the record has none."""
+    low, high = record.get(f"{key}_ci_low"), record.get(f"{key}_ci_high")
+    return [low, high] if low is not None and high is not None else None
+
+
 def site_row(site: str, records: list[dict], first_eligible_round: int = 0) -> dict:
     best = best_round(records, first_eligible_round=first_eligible_round)
     final = records[-1]
@@ -40,6 +46,9 @@ def site_row(site: str, records: list[dict], first_eligible_round: int = 0) -> d
         "bacc_global_only": chosen.get("global_only/test/balanced_accuracy", float("nan")),
         "accuracy": chosen["personalized/test/accuracy"],
         "auc": chosen["personalized/test/auc"],
+        # 95 % bootstrap intervals over the site's test images (site.intervals); None in logs that predate them
+        "bacc_personalized_ci": interval(chosen, "personalized/test/balanced_accuracy"),
+        "auc_ci": interval(chosen, "personalized/test/auc"),
         "bacc_personalized_final": final["personalized/test/balanced_accuracy"],
         "bytes_per_round": final["bytes_sent"],
         "trainable_params": final["trainable_params"],

@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from fedopal.model.adapters import FedOpalModel
 from fedopal.site.data import batch_sizes, loader, shard_sizes
 from fedopal.site.device import autocast, grad_scaler, module_device, to_device
+from fedopal.site.intervals import interval_keys, metric_intervals
 from fedopal.model.diagnostics import adapter_overlaps
 from fedopal.model.orthogonality import RepresentationOrthogonality, weight_orthogonality
 
@@ -370,7 +371,8 @@ class SiteTrainer:
     def evaluate(self, splits=("val", "test")) -> dict[str, float]:
         """Personalized model (all adapters) and, where a personal adapter exists, the global-only model.
 
-        Keys look like `personalized/test/balanced_accuracy`.
+        Keys look like `personalized/test/balanced_accuracy`; the test split adds each metric's 95 % interval over
+        its images (site.intervals): `personalized/test/balanced_accuracy_ci_low` and `..._ci_high`.
         """
         views = {"personalized": None}
         if "personal" in self.model.spec.adapters and "global" in self.model.spec.adapters:
@@ -383,4 +385,6 @@ class SiteTrainer:
                     labels, probs = self.predict(split, personalized=adapters is None)
                     for name, value in classification_metrics(labels, probs).items():
                         out[f"{view}/{split}/{name}"] = value
+                    if split == "test":  # kept at the site (metrics.jsonl, exports): not in the wire contract
+                        out |= interval_keys(f"{view}/{split}/", metric_intervals(labels, probs))
         return out

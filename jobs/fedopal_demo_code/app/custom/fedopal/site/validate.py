@@ -32,7 +32,7 @@ import numpy as np
 from fedopal.config import ConfigError, load_config, parse_overrides
 from fedopal.site.data import (DataError, Problems, Sample, build_transforms, file_format, label_counts,
                                read_manifest, row_of, site_manifest_path)
-from fedopal.site.readers import DecodeOptions, decode, format_of
+from fedopal.site.readers import NARROW, DecodeOptions, decode, format_of
 
 SPLITS = ("train", "val", "test")
 MIN_PER_CLASS = 30  # below this, one image moves a class's recall by more than 3 points
@@ -158,7 +158,7 @@ def inspect_site(cfg, site: str, manifest: str | None = None, deep: bool = False
     manifest = manifest or site_manifest_path(cfg, site)
     data_cfg = cfg.data.for_site(site)
     problems = Problems()
-    samples = read_manifest(manifest, data_cfg.num_classes, data_cfg.class_names, problems)
+    samples = read_manifest(manifest, data_cfg.num_classes, data_cfg.class_names, problems, cfg.federation.sites())
     channels = model_input_channels(cfg) if model_channels is None else model_channels
     check = SiteCheck(site, [], model_channels=channels, problems=problems)
     if samples:
@@ -166,8 +166,29 @@ def inspect_site(cfg, site: str, manifest: str | None = None, deep: bool = False
         check.samples = [s for s in samples if format_of(s.path) is not None]  # the others are problems already
         if not any(k == "shape" for k, _ in problems.items):
             check_files(check, data_cfg, manifest, deep)
-        check.warnings = measurability(samples, data_cfg)
+        check.warnings = measurability(samples, data_cfg) + intensity_warnings(check, data_cfg)
     return check
+
+
+def intensity_warnings(check: SiteCheck, data_cfg) -> list[str]:
+    """What the decoded intensities say about the site's decoding, even with no other site to compare with: every
+    image a single value is a problem (nothing to learn from: a range or window outside the values); most values in
+    a sliver of [0, 1] is a warning."""
+    if not check.stats:
+        return []
+    key = f"data.sites.{check.site}.intensity_range"
+    if all(s.p99 - s.p01 == 0 and s.mean in (0.0, 1.0) for s in check.stats):
+        check.problems.add("intensity", f"{check.site}: every decoded image is a single value "
+                                        f"({check.stats[0].mean:g}): the decoding range misses the files' values. "
+                                        f"Fix: set {key} to the range the values use (or remove it), or "
+                                        "window_from_file.")
+        return []
+    used = check.intensity["used"]
+    if used < NARROW:
+        return [f"decoded images use {100 * used:.0f}% of [0, 1] (median 1st-99th percentile "
+                f"{check.intensity['p01']:.3f}-{check.intensity['p99']:.3f}): most of the model's input range is "
+                f"empty; set {key} to the range the values use (the warnings above name it), or window_from_file"]
+    return []
 
 
 def check_site(cfg, site: str, manifest: str | None = None, deep: bool = False) -> list[Sample]:
@@ -186,6 +207,8 @@ def describe(check: SiteCheck, data_cfg=None) -> str:
              for split in SPLITS]
     into = f" into {check.model_channels} channel(s)" if files else ""
     status = "ok" if not check.problems else f"{len(check.problems)} problem{'s' if len(check.problems) > 1 else ''}"
+    if not check.samples:
+        return f"{check.site}: {status} (no usable row)"
     return f"{check.site}: {status} ({files}{into}; {'; '.join(parts)})"
 
 
@@ -205,17 +228,17 @@ def describe_intensity(check: SiteCheck) -> str:
             f"{i['p99']:.3f}: uses {100 * i['used']:.0f}% of [0, 1]") if i else "no file decoded"
 
 
-def grouped_notes(notes: list[str], limit: int) -> list[str]:
-    """The readers' notes, one group per message (the file and its numbers aside): the first, and how many."""
+def grouped_notes(notes: list[str], site: str) -> list[str]:
+    """The readers' notes, one group per message (the file and its numbers aside): the first, and how many more.
+    The key a note names is the site's own (data.sites.<site>.*): set job-wide, it would re-map every other site."""
     groups: dict[str, list[str]] = {}
     for note in notes:
         text = note.split(": ", 2)[-1] if note.count(": ") >= 2 else note
-        groups.setdefault(re.sub(r"\d[\d.,]*", "#", text), []).append(note)
+        groups.setdefault(re.sub(r"-?\d[\d.,]*", "#", text), []).append(note)
     out = []
     for members in groups.values():
-        out += members[:min(limit, 3)]
-        if len(members) > min(limit, 3):
-            out.append(f"... the same for {len(members) - min(limit, 3)} more file(s)")
+        first = re.sub(r"\bdata\.(intensity_range|window_from_file)", rf"data.sites.{site}.\1", members[0])
+        out.append(first + (f" (and {len(members) - 1} more file(s) alike)" if len(members) > 1 else ""))
     return out
 
 
@@ -252,6 +275,13 @@ def intensity_table(checks: list[SiteCheck]) -> list[str]:
     return lines
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -259,7 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--deep", action="store_true",
                    help="run the whole deterministic pipeline on every file (default: on the first of each kind) "
                         "and print intensity statistics per site")
-    p.add_argument("--limit", type=int, default=20, help="problems shown per kind and site (default 20), then a count")
+    p.add_argument("--limit", type=positive, default=20,
+                   help="problems shown per kind and site (default 20), then a count")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.root=/data/fedopal (value parsed as YAML)")
     args = p.parse_args(argv)
@@ -284,7 +315,7 @@ def main(argv=None) -> int:
                 print(f"    {message}")
             if len(messages) > args.limit:
                 print(f"    ... and {len(messages) - args.limit} more")
-        for note in grouped_notes(check.notes, args.limit):
+        for note in grouped_notes(check.notes, site):
             print(f"warning: {site} {note}", flush=True)
         for warning in check.warnings:
             print(f"warning: {site} {warning}", flush=True)
