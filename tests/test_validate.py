@@ -29,7 +29,8 @@ def test_every_problem_of_every_site_is_reported_in_one_pass_with_its_row(tmp_pa
     """Fifteen mislabelled rows took fifteen runs: now one run lists them all, and the other kinds beside them."""
     files = {f"{i}.png": png(i) for i in range(20)}
     rows = [(f"{i}.png", "pneumonai" if i < 15 else i % 2, ("train", "val", "test")[i % 3]) for i in range(20)]
-    rows += [("gone.png", 0, "train"), ("images\\0.png", 0, "train"), ("16.png", 1, "tets")]
+    rows += [("gone.png", 0, "train"), ("images\\0.png", 0, "train"), ("16.png", 1, "tets"),
+             ("17.png", 0, "Validation")]
     write_site(tmp_path / "fed" / "site-1", files, rows)
     (tmp_path / "fed" / "site-1" / "images").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "fed" / "site-1" / "images" / "0.png")
@@ -39,7 +40,7 @@ def test_every_problem_of_every_site_is_reported_in_one_pass_with_its_row(tmp_pa
     code, out, err = validate("--config", config, "--limit", "10")
     assert code == 2
     manifest = str(tmp_path / "fed" / "site-1" / "manifest.csv")
-    assert "site-1: 18 problems" in out and "site-2: ok" in out
+    assert "site-1: 19 problems" in out and "site-2: ok" in out
     assert "  label (15):" in out
     for i in range(10):  # the limit, then a count
         assert f"{manifest}:{i + 2}: label 'pneumonai' is neither one of data.class_names" in out
@@ -50,9 +51,10 @@ def test_every_problem_of_every_site_is_reported_in_one_pass_with_its_row(tmp_pa
             f"{tmp_path / 'fed' / 'site-1' / 'images/0.png'} exists. Fix: write the manifest's paths with forward "
             "slashes (images/0.png).") in out
     assert f"{manifest}:24: split 'tets' is not one of train, val, test. Fix: did you mean 'test'?" in out
+    assert f"{manifest}:25: split 'Validation' is not one of train, val, test. Fix: did you mean 'val'?" in out
     # one line on stderr: the first problem, and how many more of which kind
     assert err.count("\n") == 0 and err.startswith(f"error: {manifest}:2: label 'pneumonai'")
-    assert "(+17 more in 1 of 2 site(s): label 15, file not found 2, split 1;" in err
+    assert "(+18 more in 1 of 2 site(s): label 15, file not found 2, split 2;" in err
 
 
 def test_a_site_start_stops_on_the_first_problem_and_says_how_many_more(tmp_path):
@@ -112,9 +114,11 @@ def test_one_site_sets_its_own_decoding(tmp_path):
     from fedopal.site.readers import DecodeOptions, decode
 
     reference = np.asarray(Image.open(tmp_path / "fed" / "site-2" / "a.png"), dtype=np.float64) / 4095
-    at_site_2 = decode(str(tmp_path / "fed" / "site-2" / "a.png"), DecodeOptions.from_config(cfg.data.for_site("site-2")))
+    at_site_2 = decode(str(tmp_path / "fed" / "site-2" / "a.png"),
+                       DecodeOptions.from_config(cfg.data.for_site("site-2")))
     np.testing.assert_allclose(at_site_2[0][0].numpy(), reference, atol=1e-6)
-    at_site_1 = decode(str(tmp_path / "fed" / "site-1" / "a.png"), DecodeOptions.from_config(cfg.data.for_site("site-1")))
+    at_site_1 = decode(str(tmp_path / "fed" / "site-1" / "a.png"),
+                       DecodeOptions.from_config(cfg.data.for_site("site-1")))
     np.testing.assert_allclose(at_site_1[0][0].numpy(), np.asarray(Image.open(tmp_path / "fed" / "site-1" / "a.png"),
                                                                     dtype=np.float64) / 255, atol=1e-6)
 

@@ -32,6 +32,8 @@ from fedopal.site.readers import (FAMILY, FORMATS, AdaptChannelsd, DataError, De
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split")
+# the whole words a spreadsheet may use for a split: named as near misses, never accepted silently
+SPLIT_WORDS = {"training": "train", "validation": "val", "valid": "val", "testing": "test", "dev": "val"}
 PATIENT_COLUMN = "patient_id"  # optional: whose images a row holds (splits by patient, DP-SGD per patient)
 # the readers behind each family (readers.py): PNG/JPEG MONAI's PILReader, NPY MONAI's NumpyReader, NIfTI nibabel,
 # DICOM pydicom. One family per site.
@@ -205,7 +207,7 @@ def read_manifest(manifest_path: str, num_classes: int, class_names=None,
         split = row.get("split", "")
         if split not in SPLITS:
             ok = False
-            close = near_misses(split, SPLITS)
+            close = [SPLIT_WORDS[split.lower()]] if split.lower() in SPLIT_WORDS else near_misses(split, SPLITS)
             _report(problems, "split", f"{where}: split {split!r} is not one of {', '.join(SPLITS)}. Fix: "
                                        + (f"did you mean '{close[0]}'? " if close else "") + "correct the row.")
         try:
