@@ -220,42 +220,34 @@ class Poc:
             self.state.pids[str(pid)] = started
         self.save()
 
-    @contextlib.contextmanager
-    def session(self):
-        """A FLARE API session as the project admin (headless: the admin's startup kit, no console)."""
-        from nvflare.fuel.flare_api.flare_api import new_secure_session
+    @property
+    def admin(self):
+        """The FLARE API as the project admin (headless: the admin's startup kit, no console)."""
+        from fedopal.tools.flare_admin import FlareAdmin
 
-        with contextlib.redirect_stdout(sys.stderr):  # FLARE prints its connection chatter
-            sess = new_secure_session(self.state.admin, self.admin_kit, timeout=30.0)
-        try:
-            yield sess
-        finally:
-            sess.close()
+        return FlareAdmin(self.state.admin, self.admin_kit)
+
+    def session(self):
+        return self.admin.session()
 
     def submit(self, job_folder: str) -> str:
         job_folder = os.path.abspath(job_folder)
         if not os.path.isfile(os.path.join(job_folder, "meta.json")):
             raise PocError(f"{job_folder}: no meta.json, so this is not a job folder. "
                            f"Fix: export one (make export) and give jobs/<name>.")
-        # FLARE signs the folder it submits, in place: submit a copy, so jobs/ stays as exported.
-        with tempfile.TemporaryDirectory() as tmp, self.session() as sess:
-            copy = shutil.copytree(job_folder, os.path.join(tmp, os.path.basename(job_folder)))
-            job_id = sess.submit_job(copy)
+        job_id = self.admin.submit(job_folder)  # a copy is submitted: jobs/ stays as exported
         self.state.last_job_id = job_id
         self.save()
         return job_id
 
     def wait(self, job_id: str, timeout_s: float = 3600.0) -> str:
         """Polls until the job ends; returns FLARE's final status (FINISHED:COMPLETED when all went well)."""
-        from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
-
         def poll(*_args, **_kwargs) -> bool:
             self.record_processes()  # job processes come and go: stop must know them too
             return True
 
-        with self.session() as sess:
-            code, meta = sess.monitor_job_and_return_job_meta(job_id, timeout=timeout_s, poll_interval=2.0, cb=poll)
-        if code == MonitorReturnCode.TIMEOUT:
+        timed_out, meta = self.admin.wait(job_id, timeout_s, cb=poll)
+        if timed_out:
             raise PocError(f"job {job_id} did not finish within {timeout_s:.0f} s. "
                            f"Fix: see {self.server_job_dir(job_id)}/log.txt, or wait longer (--timeout).")
         return meta["status"]
@@ -269,8 +261,7 @@ class Poc:
 
     def download(self, job_id: str, out_dir: str) -> str:
         """The job's result as the server keeps it: <out_dir>/<job_id>/workspace/app_server/... and the job."""
-        with self.session() as sess:
-            return sess.download_job_result(job_id, os.path.abspath(out_dir))
+        return self.admin.download(job_id, out_dir)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """FLARE's stop, then wait until every recorded process is really gone; stragglers get SIGTERM, then SIGKILL."""

@@ -19,11 +19,9 @@ metrics home, the selection cannot see that site: it says so in one line after t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -33,9 +31,10 @@ import numpy as np
 from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.specs.contract import matches
 from fedopal.specs.methods import METHODS
+from fedopal.tools.bench import paired_bootstrap
+from fedopal.tools.flare_admin import FlareAdmin
 
 VAL_TAG = "personalized/val/balanced_accuracy"
-N_BOOT = 10_000
 
 
 class SelectError(RuntimeError):
@@ -74,42 +73,29 @@ def best_validation(rounds: dict[int, float]) -> tuple[int, float] | None:
     return max(defined, key=lambda rv: rv[1]) if defined else None
 
 
-def bootstrap_over_sites(values: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of the mean of `values` (one per site), resampling sites with replacement
-    (Efron & Tibshirani 1993, ch. 13). values may be paired differences. (NaN, NaN) with fewer than two sites."""
+def bootstrap_over_sites(values: np.ndarray) -> tuple[float, float]:
+    """95 % percentile interval of the mean of `values` (one per site; may be paired differences), resampling sites
+    with replacement: the benchmark's paired bootstrap with one seed. (NaN, NaN) with fewer than two sites."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
-    low, high = np.percentile(values[idx].mean(axis=1), (2.5, 97.5))
-    return float(low), float(high)
+    _, low, high = paired_bootstrap(values[:, None])
+    return low, high
 
 
-class FlareSession:
-    """The FLARE API as the project admin: submit a job folder (a copy: FLARE signs what it submits), wait, download."""
+class FlareSession(FlareAdmin):
+    """A candidate's job on the consortium: submitted, waited for and downloaded (tools.flare_admin)."""
 
     def __init__(self, username: str, admin_kit: str, timeout_s: float):
-        self.username, self.admin_kit, self.timeout_s = username, admin_kit, timeout_s
-
-    @contextlib.contextmanager
-    def session(self):
-        from nvflare.fuel.flare_api.flare_api import new_secure_session
-
-        with contextlib.redirect_stdout(sys.stderr):  # FLARE prints its connection chatter
-            sess = new_secure_session(self.username, self.admin_kit, timeout=30.0)
-        try:
-            yield sess
-        finally:
-            sess.close()
+        super().__init__(username, admin_kit)
+        self.timeout_s = timeout_s
 
     def run(self, job_folder: str, out_dir: str) -> tuple[str, str, str]:
         """(job id, FLARE's final status, the downloaded result folder)."""
-        with tempfile.TemporaryDirectory() as tmp, self.session() as sess:
-            job_id = sess.submit_job(shutil.copytree(job_folder, os.path.join(tmp, os.path.basename(job_folder))))
-            _, meta = sess.monitor_job_and_return_job_meta(job_id, timeout=self.timeout_s, poll_interval=2.0)
-            status = (meta or {}).get("status", "TIMEOUT")
-            result = sess.download_job_result(job_id, os.path.abspath(out_dir))
-        return job_id, status, result
+        job_id = self.submit(job_folder)
+        timed_out, meta = self.wait(job_id, self.timeout_s)
+        status = "TIMEOUT" if timed_out else meta.get("status", "UNKNOWN")
+        return job_id, status, self.download(job_id, out_dir)
 
 
 def poc_admin(workspace: str) -> tuple[str, str]:
