@@ -81,7 +81,7 @@ class SiteCheck:
 
 def model_input_channels(cfg) -> int:
     """The backbone's input channels, without building it (validate reads data only)."""
-    if cfg.model.backbone == "monai_vit":
+    if cfg.model.backbone in ("monai_vit", "unetr", "swin_unetr"):
         return cfg.data.in_channels
     if cfg.model.backbone == "hf":
         try:
@@ -158,7 +158,8 @@ def inspect_site(cfg, site: str, manifest: str | None = None, deep: bool = False
     manifest = manifest or site_manifest_path(cfg, site)
     data_cfg = cfg.data.for_site(site)
     problems = Problems()
-    samples = read_manifest(manifest, data_cfg.num_classes, data_cfg.class_names, problems, cfg.federation.sites())
+    samples = read_manifest(manifest, data_cfg.num_classes, data_cfg.class_names, problems, cfg.federation.sites(),
+                            task=data_cfg.task)
     channels = model_input_channels(cfg) if model_channels is None else model_channels
     check = SiteCheck(site, [], model_channels=channels, problems=problems)
     if samples:
