@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv wheel privacy-audit select-poc demo demo-3d test test-fast prepare prepare-3d prepare-bench bench bench-dev bench-quick bench-3d perf \
+.PHONY: .venv venv wheel privacy-audit select-poc demo demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d perf \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc clean
 
@@ -51,6 +51,13 @@ data/demo_federation_3d_64/federation.json: $(STAMP) custom/fedopal/tools/prepar
 	$(FEDOPAL) prepare --npz data/medmnist/adrenalmnist3d_64.npz --out data/demo_federation_3d_64 $(FED3D_ARGS)
 
 prepare-3d: data/demo_federation_3d/federation.json data/demo_federation_3d_64/federation.json
+
+# 2D segmentation: HC18 fetal head ultrasound (data/hc18/README.md), 4 sites split by subject, one simulated machine or
+# contouring shift per site (fedopal.tools.hc18 SHIFTS)
+data/demo_federation_seg/federation.json: $(STAMP) custom/fedopal/tools/hc18.py data/hc18/hc18_small.npz
+	$(PY) -m fedopal.tools.hc18 federation --npz data/hc18/hc18_small.npz --out data/demo_federation_seg --sites 4 --seed 0
+
+prepare-seg: data/demo_federation_seg/federation.json
 
 demo: prepare
 	$(FEDOPAL) job --config app_configs/demo.yaml --simulate --workspace workspace --results results/demo
