@@ -378,7 +378,7 @@ def build_transforms(data_cfg, model_in_channels: int, normalization, train: boo
     if segmentation:
         from fedopal.site.masks import DecodeMaskd
 
-        steps.append(DecodeMaskd(["mask"], dims))
+        steps.append(DecodeMaskd(["mask"], dims, data_cfg.num_classes, image_key="image"))
     if dims == 3 and data_cfg.orientation:
         steps.append(Orientationd(keys, axcodes=data_cfg.orientation))
     if dims == 3 and data_cfg.spacing:

@@ -10,7 +10,7 @@ cross-entropy, softmax and classification_metrics).
   means); a class present in one of them only has Dice 0 and no HD95.
 
 Site metrics: `dice` (the mean over images of each image's mean Dice over foreground classes: the headline),
-`dice_<class>`, `hd95`, `hd95_<class>` (means over the images where defined); the test split adds a 95 % percentile
+`dice/<class>`, `hd95`, `hd95/<class>` (means over the images where defined); the test split adds a 95 % percentile
 bootstrap interval of `dice` over its images (site.intervals' level and count).
 """
 
@@ -75,8 +75,8 @@ def segmentation_metrics(dice: np.ndarray, hd95: np.ndarray, class_name) -> dict
     out = {"dice": float(dice.mean(axis=1).mean()), "hd95": _nanmean(per_image_hd)}
     for k in range(dice.shape[1]):
         name = class_name(k + 1)
-        out[f"dice_{name}"] = float(dice[:, k].mean())
-        out[f"hd95_{name}"] = _nanmean(hd95[:, k])
+        out[f"dice/{name}"] = float(dice[:, k].mean())
+        out[f"hd95/{name}"] = _nanmean(hd95[:, k])
     return out
 
 

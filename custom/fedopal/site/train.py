@@ -252,7 +252,7 @@ class SiteTrainer:
             data = self._loader("train", self.batch_size, shuffle=True, seed=round_seed, shard=True)
         rep_ctx = RepresentationOrthogonality(model.lora_layers()) if regularizer == "representation" \
             else nullcontext()
-        class_weights = self._class_weights(model.head.out_features)
+        class_weights = None if model.segmentation else self._class_weights(model.head.out_features)
         # running sums stay on the device: a .item() per step would wait for the GPU every step
         task_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         orth_sum = torch.zeros((), dtype=torch.float64, device=self.device)
