@@ -40,7 +40,8 @@ import time
 import warnings
 
 import fedopal
-from fedopal.config import ConfigError, FedOpalConfig, config_from_dict, job_dict, load_config, parse_overrides
+from fedopal.config import (HEADLINE, ConfigError, FedOpalConfig, config_from_dict, job_dict, load_config,
+                            parse_overrides)
 from fedopal.site.state import simulation_state_root
 from fedopal.specs.methods import get_method
 
@@ -50,7 +51,6 @@ SITE_SCRIPT = "fedopal/site/client.py"  # relative, so the exported job holds no
 # the packages a code-shipping job ships, as regular packages (their __init__.py): FLARE puts the job's custom/
 # first on the path, so at a site that also installed fedopal the shipped copy is the one that runs
 SHIPPED_PACKAGES = ("fedopal", "fedopal/specs", "fedopal/policy", "fedopal/model", "fedopal/site", "fedopal/server")
-KEY_METRIC = "personalized/val/balanced_accuracy"
 PRIVACY_SCOPE = "fedopal"  # the scope name in each site's local/privacy.json
 FLAVORS = ("no-code", "code")
 CODE_SUFFIX = "_code"  # the code-shipping flavor's job name: <name>_code
@@ -174,7 +174,7 @@ def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] 
         aggregator=SharedKeyAggregator(expected=expected_spec(initial),
                                        weighting=cfg.federation.weighting(cfg.privacy.enabled),
                                        max_site_weight=cfg.federation.max_site_weight),
-        key_metric=KEY_METRIC,
+        key_metric=f"personalized/val/{HEADLINE[cfg.data.task]}",
     )
     if code:  # the server model is named by class path only, which NVFlare's exporter does not follow
         recipe.add_server_file("fedopal/server/global_model.py")
@@ -349,7 +349,8 @@ class ProgressWatcher(threading.Thread):
             for r in records[start:]:
                 print(f"  round {r['round']}/{self.num_rounds}  {r['site']:<8} "
                       f"task loss {r['task_loss']:.3f}  orth {r['orth_loss']:.4f}  "
-                      f"val bal.acc {r['personalized/val/balanced_accuracy']:.3f}  ({r['wall_s']:.1f} s)",
+                      + (f"val Dice {r['personalized/val/dice']:.3f}" if "personalized/val/dice" in r else
+                         f"val bal.acc {r['personalized/val/balanced_accuracy']:.3f}") + f"  ({r['wall_s']:.1f} s)",
                       flush=True)
             self._seen[path] = len(records)
 

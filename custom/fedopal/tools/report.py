@@ -16,6 +16,7 @@ import os
 import re
 
 import fedopal
+from fedopal.config import HEADLINE
 from fedopal.site.selection import defined as _defined, first_eligible_round, site_row
 from fedopal.specs.methods import get_method
 from fedopal.site.state import METRICS_FILE, read_metrics, simulation_state_root
@@ -221,7 +222,7 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     if not records:
         raise RuntimeError(f"no site metrics found under {job_ws}: did the job run? See {job_ws}/*/log.txt")
     first = first_eligible_round(cfg)
-    rows = [site_row(site, rs, first) for site, rs in records.items()]
+    rows = [site_row(site, rs, first, cfg.data.task) for site, rs in records.items()]
     epsilons = site_epsilons(job_ws)
     wire = {}
     for r in updates_log(job_ws):
@@ -231,6 +232,10 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
             r["bytes_per_round"] = round(sum(wire[r["site"]]) / len(wire[r["site"]]))
         r["epsilon"] = epsilons.get(r["site"])
     has_dp = any(r["epsilon"] is not None for r in rows)
+    if cfg.data.task == "segmentation":
+        lines, mean, coverage, worst = segmentation_table(rows, cfg, has_dp)
+        lines += ["", _epsilon_note(job_ws, cfg)] if has_dp else []
+        return _summary(job_ws, cfg, wall_s, rows, lines, mean, coverage, worst, epsilons, first, "dice")
     metric_cols = ("bacc_personalized", "bacc_global_only", "accuracy", "auc", "bacc_personalized_final")
     means = {c: covered_mean([r[c] for r in rows]) for c in metric_cols}
     mean = {c: m for c, (m, _) in means.items()}
@@ -273,15 +278,64 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     if any(isinstance(r["best_val_round"], str) for r in rows):
         notes.append("n/a (final): the validation split cannot rank rounds (one class), so the final round is shown.")
     if has_dp:
-        p = cfg.privacy
-        units = sorted({rec.get("unit", "?") for r in updates_log(job_ws) for rec in (r.get("dp") or [])
-                        if isinstance(rec, dict)})
-        unit = {"site": "the site's whole dataset", "patient": "per patient", "image": "per image"}
-        notes.append(f"epsilon: each site's privacy loss after its last round at delta {p.delta:g}, "
-                     f"{' / '.join(unit.get(u, u) for u in units)} (privacy.mode {p.mode}, {p.accountant.upper()} "
-                     "accountant; the tightest bound among the mechanisms applied), as its updates told the server.")
+        notes.append(_epsilon_note(job_ws, cfg))
     lines += ["", " ".join(notes)]
-    matrix = cross_site_matrix(job_ws)
+    return _summary(job_ws, cfg, wall_s, rows, lines, mean, coverage,
+                    {"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]} if worst else None,
+                    epsilons, first, "balanced_accuracy")
+
+
+def _epsilon_note(job_ws: str, cfg) -> str:
+    p = cfg.privacy
+    units = sorted({rec.get("unit", "?") for r in updates_log(job_ws) for rec in (r.get("dp") or [])
+                    if isinstance(rec, dict)})
+    unit = {"site": "the site's whole dataset", "patient": "per patient", "image": "per image"}
+    return (f"epsilon: each site's privacy loss after its last round at delta {p.delta:g}, "
+            f"{' / '.join(unit.get(u, u) for u in units)} (privacy.mode {p.mode}, {p.accountant.upper()} "
+            "accountant; the tightest bound among the mechanisms applied), as its updates told the server.")
+
+
+def segmentation_table(rows: list[dict], cfg, has_dp: bool) -> tuple[list[str], dict, dict, dict | None]:
+    """(markdown lines, mean, sites covered per mean, worst site) of a segmentation job: test Dice with its
+    interval, global-only Dice, each foreground class's Dice (with several), HD95, Dice at the final round."""
+    classes = list(rows[0]["dice_per_class"]) if rows else []
+    per_class = len(classes) > 1
+    cols = ["dice_personalized", "dice_global_only", "hd95", "dice_personalized_final"]
+    means = {c: covered_mean([r[c] for r in rows]) for c in cols}
+    means |= {f"dice/{k}": covered_mean([r["dice_per_class"].get(k, float("nan")) for r in rows]) for k in classes}
+    mean = {c: m for c, (m, _) in means.items()}
+    coverage = {c: n for c, (_, n) in means.items()}
+    measured = [r for r in rows if _defined(r["dice_personalized"])]
+    worst = min(measured, key=lambda r: r["dice_personalized"]) if measured else None
+    total, head = len(rows), get_method(cfg.train.method, cfg.model.head).head
+    class_cols = [f"Dice {k}" for k in classes] if per_class else []
+    header = (["site", "best val round", "Dice personalized", "Dice global-only", *class_cols, "HD95 (px)",
+               "Dice final round", "bytes sent / round"] + (["epsilon"] if has_dp else []))
+    lines = [f"### {cfg.name}: {cfg.train.method}, {len(rows)} sites, {cfg.train.num_rounds} rounds "
+             f"({cfg.model.backbone}, r={cfg.model.lora_rank}, {head} decoder)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["site"], _fmt(r["best_val_round"]), _fmt_ci(r["dice_personalized"], r["dice_personalized_ci"]),
+                 _fmt(r["dice_global_only"]), *[_fmt(r["dice_per_class"].get(k)) for k in classes if per_class],
+                 _fmt(r["hd95"]), _fmt(r["dice_personalized_final"]), _fmt(r["bytes_per_round"])]
+        lines.append("| " + " | ".join(cells + ([_fmt(r["epsilon"]) if r["epsilon"] is not None else "none"]
+                                                  if has_dp else [])) + " |")
+    cells = ["**mean**", "", *[_fmt_mean(mean[c], coverage[c], total) for c in cols[:2]],
+             *[_fmt_mean(mean[f"dice/{k}"], coverage[f"dice/{k}"], total) for k in classes if per_class],
+             _fmt_mean(mean["hd95"], coverage["hd95"], total, bold=False),
+             _fmt_mean(mean["dice_personalized_final"], coverage["dice_personalized_final"], total, bold=False), ""]
+    lines.append("| " + " | ".join(cells + ([""] if has_dp else [])) + " |")
+    notes = ["Test metrics at each site's best-validation round (mean Dice over the foreground classes is the "
+             "headline; [low, high]: its 95 % bootstrap interval over the site's test images). HD95: the 95th "
+             "percentile Hausdorff distance in pixels (voxels) of the model's grid, data.image_size per axis."]
+    lines += ["", " ".join(notes)]
+    return lines, mean, coverage, ({"site": worst["site"], "dice_personalized": worst["dice_personalized"]}
+                                   if worst else None)
+
+
+def _summary(job_ws, cfg, wall_s, rows, lines, mean, coverage, worst, epsilons, first, metric) -> dict:
+    """The summary both tasks share: the table's lines, then cross-site evaluation and the wire audit."""
+    matrix = cross_site_matrix(job_ws, metric)
     if matrix is not None and all(v is None for row in matrix["values"] for v in row):
         lines += ["", "Cross-site evaluation ran; its metrics stayed at the sites (the wire policy lets no test "
                       "metric out: differential privacy, or a site's own policy)."]
@@ -294,9 +348,7 @@ def summarize(job_ws: str, cfg, wall_s: float) -> dict:
     wire = wire_fields(wire_log(job_ws), policy_for_job(spec.shared, cfg.privacy.enabled, cfg.privacy.allow_fields))
     return {"name": cfg.name, "method": cfg.train.method, "sites": rows, "mean": mean, "wire": wire,
             "fedopal_version": fedopal.__version__, "first_eligible_round": first,
-            "mean_sites": coverage,
-            "worst_site": ({"site": worst["site"], "bacc_personalized": worst["bacc_personalized"]} if worst
-                           else None),
+            "mean_sites": coverage, "worst_site": worst,
             "epsilon": epsilons or None, "cross_site": matrix,
             "wall_s": round(wall_s, 1), "workspace": job_ws, "config": cfg.model_dump(mode="json"),
             "markdown": "\n".join(lines)}
@@ -327,8 +379,8 @@ def simulation_failure(job_ws: str) -> str:
 
 
 def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eligible: int = 1,
-                selected: dict[str, int] | None = None) -> None:
-    """Balanced accuracy against rounds, per site: personalized (solid) and global-only (dashed), on test. Rounds
+                selected: dict[str, int] | None = None, metric: str = "balanced_accuracy") -> None:
+    """Balanced accuracy (or `metric`, e.g. dice) against rounds, per site: personalized (solid) and global-only (dashed), on test. Rounds
     before `first_eligible` (no noised global model yet, DP update mode) are shaded and labelled. `selected`: each
     site's round the summary table reports (its best validation round), marked with a star."""
     import matplotlib
@@ -340,21 +392,21 @@ def plot_rounds(records: dict[str, list[dict]], path: str, title: str, first_eli
     for i, (site, rs) in enumerate(records.items()):
         rounds = [r["round"] for r in rs]
         color = f"C{i}"
-        ax.plot(rounds, [r["personalized/test/balanced_accuracy"] for r in rs], "-o", color=color,
+        ax.plot(rounds, [r[f"personalized/test/{metric}"] for r in rs], "-o", color=color,
                 label=f"{site} personalized")
-        if "global_only/test/balanced_accuracy" in rs[0]:
-            ax.plot(rounds, [r["global_only/test/balanced_accuracy"] for r in rs], "--", color=color,
+        if f"global_only/test/{metric}" in rs[0]:
+            ax.plot(rounds, [r[f"global_only/test/{metric}"] for r in rs], "--", color=color,
                     label=f"{site} global-only")
         chosen = [r for r in rs if (selected or {}).get(site) == r["round"]]
         if chosen:
-            ax.plot([chosen[0]["round"]], [chosen[0]["personalized/test/balanced_accuracy"]], "*", color=color,
+            ax.plot([chosen[0]["round"]], [chosen[0][f"personalized/test/{metric}"]], "*", color=color,
                     markersize=15, markeredgecolor="black",
                     label="round in the table (best validation)" if i == 0 else None)
     if first_eligible > 1:
         ax.axvspan(0.5, first_eligible - 0.5, color="grey", alpha=0.15, label="before any noised update (not selected)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("test balanced accuracy")
+    ax.set_ylabel(f"test {metric.replace('_', ' ')}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -367,7 +419,8 @@ def write_summary(summary: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     selected = {r["site"]: r["best_val_round"] for r in summary["sites"] if isinstance(r["best_val_round"], int)}
     plot_rounds(collect_site_records(summary["workspace"]), os.path.join(out_dir, "rounds.png"),
-                f"{summary['name']}: {summary['method']}", summary.get("first_eligible_round", 1), selected)
+                f"{summary['name']}: {summary['method']}", summary.get("first_eligible_round", 1), selected,
+                HEADLINE[summary["config"]["data"]["task"]])
     if summary.get("cross_site"):
         plot_cross_site(summary["cross_site"], os.path.join(out_dir, "cross_site.png"),
                         f"{summary['name']}: {summary['method']}, cross-site evaluation after the final round "
