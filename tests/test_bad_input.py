@@ -131,8 +131,8 @@ CASES = {
     "multi-frame dicom": (lambda r: dicom_site(r, pixels=np.zeros((2, 12, 12), np.uint8), frames=2)
                           and "multi-frame DICOM (2 frames)", {}),
     "undecodable dicom": (lambda r: dicom_site(r, pixels=np.zeros((12, 12), np.uint16),
-                                               transfer_syntax=pydicom.uid.JPEGLSLossless)
-                          and "'JPEG-LS Lossless Image Compression'", {}),
+                                               transfer_syntax=pydicom.uid.JPEGLosslessSV1)
+                          and "'JPEG Lossless, Non-Hierarchical, First-Order Prediction", {}),
     "dicom window asked, none in the file": (lambda r: dicom_site(r, pixels=np.zeros((12, 12), np.uint8))
                                              and "no WindowCenter/WindowWidth", {"data": {"window_from_file": True}}),
 }

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_windowing
-from pydicom.uid import JPEGLSLossless, RLELossless
+from pydicom.uid import JPEGLosslessSV1, RLELossless
 
 from fedopal.config import config_from_dict
 from fedopal.site.data import build_transforms
@@ -193,7 +193,7 @@ def test_rle_compressed_dicom_decodes_like_the_uncompressed_file(tmp_path):
 
 @pytest.mark.parametrize("make,needle", [
     (lambda p: write_dicom(p / "mf.dcm", np.stack([PICTURE] * 3), frames=3), "multi-frame DICOM (3 frames)"),
-    (lambda p: write_dicom(p / "jls.dcm", PICTURE, transfer_syntax=JPEGLSLossless), "JPEG-LS Lossless"),
+    (lambda p: write_dicom(p / "ljpeg.dcm", PICTURE, transfer_syntax=JPEGLosslessSV1), "JPEG Lossless"),
 ])
 def test_dicom_the_pinned_stack_cannot_decode_is_refused_in_one_line(tmp_path, make, needle):
     path = make(tmp_path)
