@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv wheel privacy-audit select-poc demo demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d perf \
+.PHONY: .venv venv wheel privacy-audit select-poc demo demo-seg demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d perf \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc clean
 
@@ -70,6 +70,12 @@ privacy-audit: prepare
 		--set name=privacy_update --set privacy.mode=update --results results/privacy/update
 	$(FEDOPAL) job --config app_configs/demo.yaml --simulate --workspace workspace $(PRIVACY_AUDIT_SET) \
 		--set name=privacy_dpsgd --set privacy.mode=dpsgd --results results/privacy/dpsgd
+
+# Segmentation (README "Segmentation"): FedOPAL on 4 HC18 sites (real fetal-head ultrasound, simulated machine and
+# contouring shifts), UNETR; then HC18's own measure, the head circumference of each site's test predictions (mm)
+demo-seg: prepare-seg
+	$(FEDOPAL) job --config app_configs/demo_seg.yaml --simulate --workspace workspace --results results/demo_seg
+	$(PY) -m fedopal.tools.hc18 measure --state workspace/fedopal_demo_seg_site_state --out results/demo_seg
 
 demo-3d: prepare-3d
 	$(FEDOPAL) job --config app_configs/demo_3d.yaml --simulate --workspace workspace --results results/demo_3d
@@ -193,6 +199,8 @@ docs: $(STAMP)
 	for mode in update dpsgd; do [ ! -f results/privacy/$$mode/wire_fields.json ] || \
 		(mkdir -p docs/results/privacy/$$mode && cp results/privacy/$$mode/summary.md results/privacy/$$mode/wire_fields.json docs/results/privacy/$$mode/); done
 	[ ! -f results/demo_3d/summary.md ] || cp results/demo_3d/summary.md results/demo_3d/summary.json docs/results/demo_3d/
+	[ ! -f results/demo_seg/hc.md ] || (mkdir -p docs/results/demo_seg && cp results/demo_seg/summary.md \
+		results/demo_seg/summary.json results/demo_seg/hc.md results/demo_seg/hc.json docs/results/demo_seg/)
 	[ ! -f workspace/poc/results/report.md ] || cp workspace/poc/results/report.md docs/results/poc/
 	[ ! -f results/latejoin/compare.md ] || (mkdir -p docs/results/latejoin/small_site && \
 		cp results/latejoin/compare.md docs/results/latejoin/ && \
@@ -210,6 +218,7 @@ console-transcript: prepare
 export: $(STAMP)
 	$(FEDOPAL) job --config app_configs/demo.yaml --export jobs
 	$(FEDOPAL) job --config app_configs/demo_3d.yaml --export jobs
+	$(FEDOPAL) job --config app_configs/demo_seg.yaml --export jobs
 
 test: prepare
 	$(PY) -m pytest -q tests

@@ -15,7 +15,8 @@ from fedopal.tools.job import main as job_main
 
 from conftest import REPO
 
-COMMITTED = {"fedopal_demo": "app_configs/demo.yaml", "fedopal_3d": "app_configs/demo_3d.yaml"}
+COMMITTED = {"fedopal_demo": "app_configs/demo.yaml", "fedopal_3d": "app_configs/demo_3d.yaml",
+             "fedopal_demo_seg": "app_configs/demo_seg.yaml"}
 FLAVORS = {"": "no-code", "_code": "code"}
 
 

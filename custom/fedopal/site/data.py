@@ -353,12 +353,14 @@ def _item_path(item) -> str:
     return str(getattr(image, "meta", {}).get("filename_or_obj", "") or "")
 
 
-def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image") -> Compose:
+def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image",
+                     track_meta: bool = False) -> Compose:
     """One declared pipeline for 2D and 3D, whatever the format: the two differ only in the steps listed.
 
     decode (per file: read, layout, intensity to [0, 1]; readers.py) -> (orientation, spacing: 3D) -> size
     -> (augment: train) -> channels adapted to the backbone (per file) -> the backbone's normalization -> tensors.
-    `family` is kept for callers; each file is read by the reader of its own format.
+    `family` is kept for callers; each file is read by the reader of its own format. track_meta: the output keeps
+    MONAI's metadata and the record of spatial steps (what Invertd needs to map a prediction back to the file).
     """
     segmentation = data_cfg.task == "segmentation"
     keys = ["image", "mask"] if segmentation else ["image"]
@@ -400,7 +402,7 @@ def build_transforms(data_cfg, model_in_channels: int, normalization, train: boo
         mean, std = normalization
         steps.append(NormalizeIntensityd(["image"], subtrahend=mean[:model_in_channels],
                                          divisor=std[:model_in_channels], channel_wise=True))
-    steps.append(EnsureTyped(keys + ["label"], track_meta=False))
+    steps.append(EnsureTyped(keys + ["label"], track_meta=track_meta))
     return SitePipeline(steps)
 
 
@@ -553,8 +555,9 @@ def find_inputs(inputs: list[str]) -> tuple[list[Sample], list[tuple[str, str]]]
 
 
 def read_input_manifest(manifest_path: str, num_classes: int, class_names=None) -> list[Sample]:
-    """A manifest of images to predict: `path` is required; `label` and `split` are optional (a site's training
-    manifest works as it is). Rows are checked as in read_manifest; labels may be left empty."""
+    """A manifest of images to predict: `path` is required; `label`, `split` and (segmentation) `mask`, a reference
+    label map, are optional (a site's training manifest works as it is). Rows are checked as in read_manifest;
+    labels and masks may be left empty."""
     if not os.path.isfile(manifest_path):
         raise DataError(f"{manifest_path}: manifest not found. Fix: pass a CSV with a 'path' column "
                         "(optional: label, split).")
@@ -568,7 +571,8 @@ def read_input_manifest(manifest_path: str, num_classes: int, class_names=None) 
         where = f"{manifest_path}:{row_no}"
         text = row.get("label", "")
         label = parse_label(text, num_classes, class_names, where) if text else UNLABELED
-        samples.append(Sample(_row_path(base, row.get("path", ""), where), label, row.get("split", "")))
+        mask = _row_path(base, row["mask"], where, "mask") if row.get("mask") else None  # a reference label map
+        samples.append(Sample(_row_path(base, row.get("path", ""), where), label, row.get("split", ""), mask=mask))
     if not samples:
         raise DataError(f"{manifest_path}: no rows. Fix: list the images to predict, one per row.")
     return samples

@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     source.add_argument("--input", nargs="+", help="image/volume files or folders (searched recursively)")
     p.add_argument("--split", choices=SPLIT_CHOICES, default="all", help="with --manifest: which rows (default all)")
     p.add_argument("--out", default="predictions.csv", help="predictions CSV (default predictions.csv)")
+    p.add_argument("--masks-dir", default=None, help="segmentation: where the predicted masks go (default: "
+                                                     "<out stem>_masks beside the CSV)")
     p.add_argument("--merged", action="store_true", help="use the merged copy (runs without peft)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
         else:
             samples, unsupported = find_inputs(args.input)
             skipped = [(path, _short(reason), reason) for path, reason in unsupported]
+        if cfg.data.task == "segmentation":
+            return _segment(model, cfg, manifest, samples, skipped, args)
         if samples:
             probs, unreadable = predict_files(model, cfg, samples, args.batch_size, progress=True,
                                               source=args.manifest or "--input", device=args.device,
@@ -275,6 +279,43 @@ def main(argv=None) -> int:
               f"accuracy {fmt(metrics['accuracy'])}, AUC {with_ci('auc')} ([95 % bootstrap interval over the "
               "images, by class])")
     return 0
+
+
+def _segment(model, cfg, manifest: dict, samples: list[Sample], skipped: list, args) -> int:
+    """A segmentation export: masks under --masks-dir, a row per input in --out, Dice where references exist."""
+    from fedopal.site.intervals import LEVEL, N_BOOT
+    from fedopal.site.segment import dice_interval
+    from fedopal.site.segment_predict import predict_masks
+
+    if not samples:
+        print(f"error: --input: none of the {len(skipped)} files can be segmented ({_kinds(skipped)}). Fix: point "
+              "--input at PNG, JPEG, NPY, NIfTI, NRRD or DICOM images.", file=sys.stderr)
+        return 2
+    masks_dir = args.masks_dir or os.path.splitext(args.out)[0] + "_masks"
+    try:
+        rows = predict_masks(model, cfg, samples, masks_dir, device=args.device, progress=True)
+    except (DataError, DeviceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    try:
+        _write_csv(args.out, header, [[_cell(row.get(k, "")) for k in header] for row in rows])
+    except OSError as err:
+        print(f"error: cannot write {args.out} ({err.strerror}). Fix: choose a writable --out path.", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} masks from {manifest.get('site') or 'site'} {manifest['view']}, {manifest['method']} -> "
+          f"{masks_dir}; one row each in {args.out}")
+    scored = np.array([[row[k] for k in header if k.startswith("dice/")] for row in rows if "dice" in row])
+    if len(scored):
+        low, high = dice_interval(scored, N_BOOT, LEVEL)
+        ci = "" if np.isnan(low) else f" [{low:.3f}, {high:.3f}]"
+        print(f"on {len(scored)} images with a reference mask: Dice {scored.mean(axis=1).mean():.3f}{ci} "
+              "([95 % bootstrap interval over the images])")
+    return 0
+
+
+def _cell(value):
+    return f"{value:.6f}" if isinstance(value, float) else value
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def configuration_markdown() -> str:
 # -- README blocks from committed results --------------------------------------------------------------------
 
 # what writes each committed result, for a block whose source is not there yet
-MAKERS = {"docs/results/demo": "make demo", "docs/results/demo_3d": "make demo-3d", "docs/results/poc": "make poc",
+MAKERS = {"docs/results/demo": "make demo", "docs/results/demo_3d": "make demo-3d",
+          "docs/results/demo_seg": "make demo-seg", "docs/results/poc": "make poc",
           "docs/results/latejoin": "make latejoin", "docs/results/console": "make console-transcript",
           "docs/perf": "make perf", "docs/bench": "make bench", "docs/results/privacy": "make privacy-audit"}
 
@@ -204,6 +205,8 @@ def _wire_table() -> str:
 BLOCKS = {
     "demo-table": lambda: _summary_table("docs/results/demo/summary.md"),
     "demo-3d-table": lambda: _summary_table("docs/results/demo_3d/summary.md"),
+    "demo-seg-table": lambda: _summary_table("docs/results/demo_seg/summary.md"),
+    "demo-seg-hc": lambda: _read("docs/results/demo_seg/hc.md"),
     "poc-table": lambda: _read("docs/results/poc/report.md"),
     "latejoin-table": lambda: "\n\n".join(_read(p) for p in ("docs/results/latejoin/compare.md",
                                                               "docs/results/latejoin/small_site/compare.md")),

@@ -381,6 +381,49 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(state_root: str, federation: str, out_dir: str, view: str = "personalized") -> dict:
+    """HC18's own clinical measure for a trained demo: each site's best export segments its test split
+    (`fedopal predict`'s segment_predict), an ellipse is fitted to every predicted mask and to the site's own
+    reference mask, and both head circumferences are compared with the sonographers' (hc_reference.csv, mm).
+    Writes <out_dir>/hc.md and hc.json; returns the summary."""
+    from fedopal.site.data import read_input_manifest
+    from fedopal.site.export import load_exported
+    from fedopal.site.masks import decode_mask
+    from fedopal.site.segment_predict import predict_masks
+
+    sites = sorted(d for d in os.listdir(federation) if os.path.isfile(os.path.join(federation, d, "manifest.csv")))
+    out: dict = {"view": view, "sites": {}}
+    for site in sites:
+        model, cfg, _ = load_exported(os.path.join(state_root, site, "export", "best", view))
+        manifest = os.path.join(federation, site, "manifest.csv")
+        samples = [s for s in read_input_manifest(manifest, cfg.data.num_classes, cfg.data.class_names)
+                   if s.split == "test"]
+        rows = predict_masks(model, cfg, samples, os.path.join(out_dir, "masks", site))
+        reference_csv = os.path.join(federation, site, "hc_reference.csv")
+        relative = {os.path.relpath(s.path, os.path.join(federation, site)): s for s in samples}
+        predicted = hc_errors({rel: np.asarray(Image.open(r["mask_written"])) for rel, r in
+                               zip(relative, rows)}, reference_csv)
+        drawn = hc_errors({rel: decode_mask(s.mask, 2)[0][0].numpy() for rel, s in relative.items()}, reference_csv)
+        out["sites"][site] = {"dice": float(np.mean([r["dice"] for r in rows])),
+                              "predicted": hc_summary(predicted), "site_masks": hc_summary(drawn)}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "hc.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(out_dir, "hc.md"), "w") as f:
+        f.write(format_measure(out) + "\n")
+    return out
+
+
+def format_measure(summary: dict) -> str:
+    lines = ["| site | test Dice (input grid) | HC error of the model, median / mean (mm) | HC error of the site's own "
+             "masks, median (mm) | empty predictions |", "|---|---|---|---|---|"]
+    for site, s in summary["sites"].items():
+        p, d = s["predicted"], s["site_masks"]
+        lines.append(f"| {site} | {s['dice']:.3f} | {p['median_abs_error_mm']:.1f} / {p['mean_abs_error_mm']:.1f} | "
+                     f"{d['median_abs_error_mm']:.1f} | {p['n_empty']} of {p['n']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -396,8 +439,16 @@ def main(argv=None) -> int:
     fed.add_argument("--val-per-site", type=int, default=20)
     fed.add_argument("--test-per-site", type=int, default=40)
     fed.add_argument("--no-shifts", action="store_true", help="every site's images and masks as bundled")
+    m = sub.add_parser("measure", help="head circumference (mm) of a trained demo's test predictions, per site")
+    m.add_argument("--state", required=True, help="the job's site-state root (<workspace>/<job>_site_state)")
+    m.add_argument("--federation", default="data/demo_federation_seg")
+    m.add_argument("--out", default="results/demo_seg")
+    m.add_argument("--view", default="personalized", choices=("personalized", "global_only"))
     args = p.parse_args(argv)
     try:
+        if args.command == "measure":
+            print(format_measure(measure(args.state, args.federation, args.out, args.view)))
+            return 0
         if args.command == "bundle":
             print(json.dumps(build_bundle(args.src, args.out), indent=2))
             return 0

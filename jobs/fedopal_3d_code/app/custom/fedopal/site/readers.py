@@ -1,13 +1,14 @@
 """Decode what the file says: every supported file -> a float32, channel-first array in [0, 1].
 
 A file's type is read from its content (the suffix is only a hint): PNG and JPEG signatures, the NPY magic, a NIfTI
-header (.nii, or gzipped), DICOM with or without its 128-byte preamble. The same picture stored as PNG (8 or 16 bit,
-gray, RGB or palette), JPEG, NPY, NIfTI or DICOM gives the same array, in the axis order of the library that reads
-that format (PIL's and pydicom's rows x columns, NumPy's and nibabel's array as stored). PNG/JPEG and NPY go through
-MONAI's PILReader and NumpyReader; NIfTI and DICOM through nibabel and pydicom directly (below, why). What is left to
+header (.nii, or gzipped), the NRRD magic (NRRD000x, 3D Slicer's .nrrd), DICOM with or without its 128-byte preamble.
+The same picture stored as PNG (8 or 16 bit, gray, RGB or palette), JPEG, NPY, NIfTI, NRRD or DICOM gives the same
+array, in the axis order of the library that reads that format (PIL's and pydicom's rows x columns, NumPy's, nibabel's
+and pynrrd's array as stored). PNG/JPEG, NPY and NRRD go through MONAI's PILReader, NumpyReader and NrrdReader (its
+affine LPS -> RAS, as nibabel's); NIfTI and DICOM through nibabel and pydicom directly (below, why). What is left to
 the caller is written here, because no library step does it per file:
 
-- NaN and infinity refused on the raw values (NPY, NIfTI, float DICOM), before any scaling could hide them;
+- NaN and infinity refused on the raw values (NPY, NIfTI, NRRD, float DICOM), before any scaling could hide them;
 - intensity from the file's own encoding: 8-bit -> /255, 16-bit -> /65535, DICOM through its modality LUT (pydicom's
   apply_modality_lut: RescaleSlope/Intercept or a Modality LUT) from the range of BitsStored and PixelRepresentation
   (or its own WindowCenter/Width when data.window_from_file), MONOCHROME1 inverted, PALETTE COLOR through its colour
@@ -46,8 +47,8 @@ class DataError(ValueError):
 
 # file suffix -> format; the format's family decides the reader and what a site may mix (one family per site)
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".npy": "npy", ".nii": "nifti", ".nii.gz": "nifti",
-           ".dcm": "dicom", ".dicom": "dicom"}
-FAMILY = {"png": "image", "jpeg": "image", "npy": "array", "nifti": "nifti", "dicom": "dicom"}
+           ".nrrd": "nrrd", ".dcm": "dicom", ".dicom": "dicom"}
+FAMILY = {"png": "image", "jpeg": "image", "npy": "array", "nifti": "nifti", "nrrd": "nrrd", "dicom": "dicom"}
 # ITU-R 601-2 luma, the weights PIL's convert("L") uses: RGB -> gray gives what a viewer's grayscale shows
 LUMA = (0.299, 0.587, 0.114)
 # a note when the values use less than this share of what their encoding can hold
@@ -61,10 +62,11 @@ def suffix_of(path: str) -> str:
 
 # -- what a file is, by its content ----------------------------------------------------------------------------
 
-SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"\x93NUMPY", "npy"))
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"\x93NUMPY", "npy"),
+              (b"NRRD000", "nrrd"))  # NRRD0001..NRRD0005: the header's version line
 # formats recognised only to say what they are when refused
 FOREIGN = ((b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"GIF8", "a GIF image"),
-           (b"PK\x03\x04", "a ZIP archive (an .npz?)"), (b"NRRD", "an NRRD volume"),
+           (b"PK\x03\x04", "a ZIP archive (an .npz?)"),
            (b"\x89HDF\r\n\x1a\n", "an HDF5 file"), (b"%PDF", "a PDF document"), (b"BM", "a BMP image"))
 DICOMDIR_UID = "1.2.840.10008.1.3.10"
 DICOMDIR_REASON = "a DICOMDIR (an index of a DICOM media, not an image)"
@@ -72,7 +74,8 @@ HEAD = 1024  # bytes read to tell a file's type
 
 
 def format_of(path: str) -> str | None:
-    """png, jpeg, npy, nifti, dicom (by content; a folder: one DICOM series), or None (unsupported_reason says why)."""
+    """png, jpeg, npy, nifti, nrrd, dicom (by content; a folder: one DICOM series), or None (unsupported_reason says
+    why)."""
     return _sniff(path)[0]
 
 
@@ -186,8 +189,8 @@ def fix_for(reason: str) -> str:
         return "copy the file again from its source, or remove its row"
     if reason.startswith(("a NIfTI header whose", "an Analyze")):
         return "save the pair as one NIfTI file, e.g. nib.save(nib.load('x.hdr'), 'x.nii.gz')"
-    return ("use PNG, JPEG, NPY, NIfTI (.nii, .nii.gz) or DICOM files (or a folder holding one DICOM series), "
-            "or remove its row")
+    return ("use PNG, JPEG, NPY, NIfTI (.nii, .nii.gz), NRRD (.nrrd) or DICOM files (or a folder holding one DICOM "
+            "series), or remove its row")
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,59 @@ def _read_nifti(path: str, opts: DecodeOptions):
     spatial, channels = layout(arr.shape, opts, path)
     unit, notes = _by_dtype(arr, opts, path)
     return _channels_first(unit, spatial, channels), affine, FileInfo("nifti", arr.dtype.name, channels, spatial, notes)
+
+
+# -- NRRD --------------------------------------------------------------------------------------------------
+# MONAI's NrrdReader (pynrrd underneath), index order F: the array's axes are the header's `sizes` in order, as
+# nibabel's are a NIfTI's. Its affine is the header's `space directions` (one column per axis) and `space origin`,
+# turned from LPS to RAS (affine_lps_to_ras, the default: the rows of x and y negated) when the header says
+# left-posterior-superior or names no space; a header in another space (RAS, say) is kept as it is.
+
+def load_nrrd(path: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(the voxels as stored, in their own dtype; the 4x4 RAS affine, None without `space directions`; the header),
+    or a DataError. An axis without a direction ("none": a channel or list axis) is moved last."""
+    from monai.data import NrrdReader
+
+    try:
+        img = NrrdReader().read(path)
+        arr = np.asarray(img.array)
+        header = dict(img.header)
+        directions = header.get("space directions")
+        affine = None
+        if directions is not None and header.get("space origin") is not None:
+            directions = np.asarray(directions, dtype=np.float64)
+            spatial = np.flatnonzero(np.isfinite(directions).all(axis=1))
+            if len(spatial) < directions.shape[0]:  # a "none" row: not a spatial axis
+                if len(spatial) + 1 != directions.shape[0]:
+                    raise DataError(f"{path}: {directions.shape[0] - len(spatial)} non-spatial axes in the NRRD "
+                                    "header. Fix: store one channel axis at most.")
+                (other,) = np.flatnonzero(~np.isfinite(directions).all(axis=1))
+                arr = np.moveaxis(arr, other, -1)
+                header = {**header, "space directions": directions[spatial], "sizes": np.asarray(arr.shape[:-1])}
+                img = type(img)(arr[..., 0], header)  # NrrdReader reads the geometry of the spatial axes only
+            _, meta = NrrdReader(dtype=arr.dtype).get_data(img)
+            affine = np.asarray(meta["affine"], dtype=np.float64)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pynrrd raises its NRRDError, ValueError, OSError for a damaged file
+        raise DataError(f"{path}: corrupt or unreadable NRRD ({type(err).__name__}: {_first_line(err)}). "
+                        "Fix: re-export the volume (3D Slicer: Save as .nrrd) or remove its row.") from None
+    if affine is not None and affine.shape != (4, 4):  # a 2D space: x, y in the 4x4 of a 3D affine
+        full = np.eye(4)
+        n = affine.shape[0] - 1
+        full[:n, :n], full[:n, 3] = affine[:n, :n], affine[:n, n]
+        affine = full
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr, affine, header
+
+
+def _read_nrrd(path: str, opts: DecodeOptions):
+    arr, affine, header = load_nrrd(path)
+    _refuse_non_finite(arr, path)
+    spatial, channels = layout(arr.shape, opts, path)
+    unit, notes = _by_dtype(arr, opts, path)
+    return _channels_first(unit, spatial, channels), affine, FileInfo("nrrd", arr.dtype.name, channels, spatial, notes)
 
 
 # -- DICOM -------------------------------------------------------------------------------------------------
@@ -849,7 +905,7 @@ def _dicom_dtype(ds, stored: np.ndarray) -> str:
 
 # -- the transforms ----------------------------------------------------------------------------------------
 
-READ = {"image": _read_image, "array": _read_npy, "nifti": _read_nifti, "dicom": _read_dicom}
+READ = {"image": _read_image, "array": _read_npy, "nifti": _read_nifti, "nrrd": _read_nrrd, "dicom": _read_dicom}
 
 
 def decode(path: str, opts: DecodeOptions) -> tuple[MetaTensor, FileInfo]:

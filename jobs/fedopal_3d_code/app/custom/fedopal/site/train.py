@@ -17,7 +17,9 @@ from sklearn.metrics import roc_auc_score
 from fedopal.model.adapters import FedOpalModel
 from fedopal.site.data import batch_sizes, loader, shard_sizes
 from fedopal.site.device import autocast, grad_scaler, module_device, to_device
-from fedopal.site.intervals import interval_keys, metric_intervals
+from fedopal.site.intervals import LEVEL, N_BOOT, interval_keys, metric_intervals
+from fedopal.site.segment import (dice_ce_loss, dice_interval, per_image_scores, segment,
+                                  segmentation_metrics)
 from fedopal.model.diagnostics import adapter_overlaps
 from fedopal.model.orthogonality import RepresentationOrthogonality, weight_orthogonality
 
@@ -119,9 +121,14 @@ class SiteTrainer:
     the number of processes (DDP averages gradients), makes the step equal to the single-process one."""
 
     def __init__(self, model: FedOpalModel, datasets: dict, train_cfg, batch_size: int, num_workers: int = 0,
-                 device: torch.device | None = None, dist=None, privacy=None, patient_of: list[int] | None = None):
+                 device: torch.device | None = None, dist=None, privacy=None, patient_of: list[int] | None = None,
+                 roi_size: int | None = None, class_name=str):
         """privacy: DP-SGD's settings (None: plain training). patient_of: the patient index of each training row
-        (DP-SGD per patient); None: per image."""
+        (DP-SGD per patient); None: per image. Segmentation (a model with a decoder): roi_size, the patch edge of
+        sliding-window inference (None: whole images); class_name(k) names class k in the metrics."""
+        self.roi_size = roi_size
+        self.class_name = class_name
+        self._seg_loss = dice_ce_loss() if model.segmentation else None
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
         self.datasets = datasets
@@ -245,7 +252,7 @@ class SiteTrainer:
             data = self._loader("train", self.batch_size, shuffle=True, seed=round_seed, shard=True)
         rep_ctx = RepresentationOrthogonality(model.lora_layers()) if regularizer == "representation" \
             else nullcontext()
-        class_weights = self._class_weights(model.head.out_features)
+        class_weights = None if model.segmentation else self._class_weights(model.head.out_features)
         # running sums stay on the device: a .item() per step would wait for the GPU every step
         task_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         orth_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -273,8 +280,7 @@ class SiteTrainer:
                                 labels = batch["label"].long().view(-1)
                                 with autocast(self.device, cfg.precision):
                                     logits = forward(batch["image"])
-                                task = (F.cross_entropy(logits.float(), labels, weight=class_weights) if len(labels)
-                                        else logits.sum() * 0.0)  # an empty Poisson batch: noise only
+                                task = self._task_loss(logits, labels, batch, class_weights)
                                 loss = task * (share * world)
                                 if regularizer == "representation" and len(labels):
                                     orth = rep.loss()
@@ -326,6 +332,13 @@ class SiteTrainer:
                        dp_steps=self.dp_steps, unit=self.dp_unit)
         return out
 
+    def _task_loss(self, logits, labels, batch, class_weights):
+        if not len(labels):
+            return logits.sum() * 0.0  # an empty Poisson batch: noise only
+        if self._seg_loss is not None:  # segmentation: Dice + cross-entropy against the mask
+            return self._seg_loss(logits.float(), batch["mask"])
+        return F.cross_entropy(logits.float(), labels, weight=class_weights)
+
     def instance_weighting(self) -> InstanceWeighting:
         """FedDPA's weighting of this site (built once: the backbone is frozen); the exports store its bank."""
         if self._weighting is None:
@@ -335,10 +348,28 @@ class SiteTrainer:
         return self._weighting
 
     def _forward(self, x: torch.Tensor, personalized: bool) -> torch.Tensor:
+        if self.model.segmentation and self.roi_size:  # patches: each window is one instance of FedDPA's weighting
+            return segment(lambda window: self._forward_once(window, personalized), x, self.roi_size)
+        return self._forward_once(x, personalized)
+
+    def _forward_once(self, x: torch.Tensor, personalized: bool) -> torch.Tensor:
         if personalized and self.model.spec.inference_weighting == "instance_similarity":
             with self.model.personal_scaled(self.instance_weighting().weights(x)):
                 return self.model(x)
         return self.model(x)
+
+    @torch.no_grad()
+    def segment_split(self, split: str, personalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image (dice, hd95), each (N, num_classes - 1), of the split (segment.per_image_scores)."""
+        self.model.eval()
+        dice, hd95 = [], []
+        for batch in self._loader(split, self.batch_size * 2, shuffle=False):
+            with autocast(self.device, self.cfg.precision):
+                logits = self._forward(batch["image"].to(self.device, non_blocking=True), personalized)
+            d, h = per_image_scores(logits.float(), batch["mask"].to(self.device), logits.shape[1])
+            dice.append(d)
+            hd95.append(h)
+        return np.concatenate(dice), np.concatenate(hd95)
 
     @torch.no_grad()
     def predict(self, split: str, personalized: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -363,7 +394,7 @@ class SiteTrainer:
         with RepresentationOrthogonality(self.model.lora_layers()) as rep:
             for batch in self._loader("val", self.batch_size * 2, shuffle=False):
                 with autocast(self.device, self.cfg.precision):
-                    self.model(batch["image"].to(self.device, non_blocking=True))
+                    segment(self.model, batch["image"].to(self.device, non_blocking=True), self.roi_size)
                 total += float(rep.loss()) * len(batch["label"])
                 count += len(batch["label"])
         return {**out, "overlap_u": total / max(count, 1)}
@@ -382,6 +413,14 @@ class SiteTrainer:
             ctx = self.model.only_adapters(adapters) if adapters else nullcontext()
             with ctx:
                 for split in splits:
+                    if self.model.segmentation:
+                        dice, hd95 = self.segment_split(split, personalized=adapters is None)
+                        for name, value in segmentation_metrics(dice, hd95, self.class_name).items():
+                            out[f"{view}/{split}/{name}"] = value
+                        if split == "test":
+                            out |= interval_keys(f"{view}/{split}/",
+                                                 {"dice": dice_interval(dice, N_BOOT, LEVEL)})
+                        continue
                     labels, probs = self.predict(split, personalized=adapters is None)
                     for name, value in classification_metrics(labels, probs).items():
                         out[f"{view}/{split}/{name}"] = value

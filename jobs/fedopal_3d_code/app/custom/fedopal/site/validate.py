@@ -67,6 +67,9 @@ class SiteCheck:
     notes: list[str] = field(default_factory=list)  # the readers' warnings about single files
     stats: list[FileStats] = field(default_factory=list)
     piped: int = 0  # files that went through the whole deterministic pipeline
+    # segmentation: per split, the rows whose mask holds each class (the background included)
+    mask_classes: dict = field(default_factory=dict)
+    empty_masks: list[str] = field(default_factory=list)  # rows whose mask holds background only
 
     @property
     def intensity(self) -> dict | None:
@@ -81,7 +84,7 @@ class SiteCheck:
 
 def model_input_channels(cfg) -> int:
     """The backbone's input channels, without building it (validate reads data only)."""
-    if cfg.model.backbone == "monai_vit":
+    if cfg.model.backbone in ("monai_vit", "unetr", "swin_unetr"):
         return cfg.data.in_channels
     if cfg.model.backbone == "hf":
         try:
@@ -114,16 +117,56 @@ def check_files(check: SiteCheck, data_cfg, manifest: str, deep: bool = False) -
             continue
         check.notes += [f"{where}: {note}" for note in info.notes]
         check.stats.append(FileStats.of(image))
+        item = {"image": image, "label": s.label}
+        if s.mask is not None:
+            if not check_mask(check, s, where, (image, info), data_cfg, opts):
+                continue
+            item["mask"] = s.mask
         signature = (info.kind, info.shape)
         if deep or signature not in signatures:
             try:
-                pipeline({"image": image, "label": s.label}, start=1)  # names the file if a step fails
+                pipeline(item, start=1)  # names the file if a step fails
                 check.piped += 1
             except DataError as err:
                 check.problems.add("pipeline", f"{where}: {err}")
                 continue
         signatures.add(signature)
         check.kinds[info.kind] += 1
+
+
+def check_mask(check: SiteCheck, s: Sample, where: str, image_info, data_cfg, opts) -> bool:
+    """Segmentation: the mask against its image (shape, spacing, orientation, affine, label values: problems), and
+    which classes it holds (an empty mask is a warning unless the site expects them: data.empty_masks)."""
+    from fedopal.site.masks import check_pair, decode_mask
+
+    problems = check_pair(s.path, s.mask, data_cfg.spatial_dims, data_cfg.num_classes, image_info, opts)
+    for problem in problems:
+        check.problems.add("mask", f"{where}: {problem}")
+    if problems:
+        return False
+    _, info = decode_mask(s.mask, data_cfg.spatial_dims, like=image_info[0])
+    for value in info.labels:
+        check.mask_classes.setdefault(s.split, Counter())[value] += 1
+    if not any(v > 0 for v in info.labels):
+        check.empty_masks.append(where)
+    return True
+
+
+def mask_warnings(check: SiteCheck, data_cfg) -> list[str]:
+    """Segmentation: empty masks (unless expected) and foreground classes that no val or test mask holds (their
+    Dice is measured on nothing)."""
+    out = []
+    if check.empty_masks and data_cfg.empty_masks == "warn":
+        rows = ", ".join(check.empty_masks[:3]) + (", ..." if len(check.empty_masks) > 3 else "")
+        out.append(f"{len(check.empty_masks)} mask(s) hold background only ({rows}); if this site has images "
+                   f"without the structure, set data.sites.{check.site}.empty_masks: expected, else fix the masks")
+    for split in ("val", "test"):
+        counts = check.mask_classes.get(split, Counter())
+        absent = [data_cfg.class_name(c) for c in range(1, data_cfg.num_classes) if not counts.get(c)]
+        if absent and check.samples:
+            out.append(f"{split}: no mask holds {', '.join(absent)} (its Dice is 1 by definition there: nothing to "
+                       "find, nothing found)")
+    return out
 
 
 def measurability(samples: list[Sample], data_cfg) -> list[str]:
@@ -158,7 +201,8 @@ def inspect_site(cfg, site: str, manifest: str | None = None, deep: bool = False
     manifest = manifest or site_manifest_path(cfg, site)
     data_cfg = cfg.data.for_site(site)
     problems = Problems()
-    samples = read_manifest(manifest, data_cfg.num_classes, data_cfg.class_names, problems, cfg.federation.sites())
+    samples = read_manifest(manifest, data_cfg.num_classes, data_cfg.class_names, problems, cfg.federation.sites(),
+                            task=data_cfg.task)
     channels = model_input_channels(cfg) if model_channels is None else model_channels
     check = SiteCheck(site, [], model_channels=channels, problems=problems)
     if samples:
@@ -166,7 +210,9 @@ def inspect_site(cfg, site: str, manifest: str | None = None, deep: bool = False
         check.samples = [s for s in samples if format_of(s.path) is not None]  # the others are problems already
         if not any(k == "shape" for k, _ in problems.items):
             check_files(check, data_cfg, manifest, deep)
-        check.warnings = measurability(samples, data_cfg) + intensity_warnings(check, data_cfg)
+        per_task = mask_warnings(check, data_cfg) if data_cfg.task == "segmentation" else measurability(samples,
+                                                                                                         data_cfg)
+        check.warnings = per_task + intensity_warnings(check, data_cfg)
     return check
 
 
@@ -202,9 +248,14 @@ def describe(check: SiteCheck, data_cfg=None) -> str:
     """One line per site: what was found (formats, dtypes, channels) and the class counts per split."""
     name = data_cfg.class_name if data_cfg is not None else str
     files = ", ".join(f"{kind} x{n}" for kind, n in sorted(check.kinds.items()))
-    parts = [f"{split} {sum(label_counts(check.samples, split).values())} "
-             "{" + ", ".join(f"{name(c)}: {n}" for c, n in label_counts(check.samples, split).items()) + "}"
-             for split in SPLITS]
+    def counts(split):  # classification: images per class; segmentation: masks holding each class
+        if check.mask_classes or (data_cfg is not None and data_cfg.task == "segmentation"):
+            return dict(sorted(check.mask_classes.get(split, {}).items()))
+        return label_counts(check.samples, split)
+    parts = [f"{split} {sum(1 for s in check.samples if s.split == split)} "
+             "{" + ", ".join(f"{name(c)}: {n}" for c, n in counts(split).items()) + "}" for split in SPLITS]
+    if check.mask_classes:
+        parts[-1] += " (masks holding each class)"
     into = f" into {check.model_channels} channel(s)" if files else ""
     status = "ok" if not check.problems else f"{len(check.problems)} problem{'s' if len(check.problems) > 1 else ''}"
     if not check.samples:

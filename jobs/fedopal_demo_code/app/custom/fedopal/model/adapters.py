@@ -46,7 +46,9 @@ class FedOpalModel(nn.Module):
             if fused_adapters:
                 fuse_lora_layers(module)
         self.backbone = module
-        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        # segmentation: the decoder is the head (model.segmentation), its keys the `head` group like a linear head's
+        self.head = backbone.decoder if backbone.decoder is not None else nn.Linear(backbone.feature_dim, num_classes)
+        self.segmentation = backbone.decoder is not None
         if spec.regularizer == "projection":
             self._check_projection_room(lora_rank)
             self.project_personal()
@@ -124,11 +126,14 @@ class FedOpalModel(nn.Module):
 
     @torch.no_grad()
     def base_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of the frozen foundation model alone (every adapter off)."""
+        """Features (N, feature_dim) of the frozen foundation model alone (every adapter off); a segmentation
+        encoder's pooled features."""
         if not self.spec.adapters:
-            return self.backbone(x)
-        with self.backbone.disable_adapter():
-            return self.backbone(x)
+            out = self.backbone(x)
+        else:
+            with self.backbone.disable_adapter():
+                out = self.backbone(x)
+        return out.pooled if self.segmentation else out
 
     # -- state split ---------------------------------------------------------------------------
     def trainable_keys(self) -> list[str]:

@@ -21,6 +21,7 @@ from monai.transforms import (
     Orientationd,
     RandAffined,
     RandFlipd,
+    RandSpatialCropd,
     Resized,
     ResizeWithPadOrCropd,
     Spacingd,
@@ -32,6 +33,7 @@ from fedopal.site.readers import (FAMILY, FORMATS, AdaptChannelsd, DataError, De
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split")
+SEGMENTATION_COLUMNS = ("path", "mask", "split")  # data.task segmentation: a label map per image, no label
 # the whole words a spreadsheet may use for a split: named as near misses, never accepted silently
 SPLIT_WORDS = {"training": "train", "validation": "val", "valid": "val", "testing": "test", "dev": "val"}
 PATIENT_COLUMN = "patient_id"  # optional: whose images a row holds (splits by patient, DP-SGD per patient)
@@ -56,6 +58,7 @@ class Sample:
     split: str
     patient: str | None = None  # the manifest's patient_id, where it has that column
     row: int = 0  # its row in the manifest (the header is row 1), for messages; 0: not from a manifest
+    mask: str | None = None  # segmentation: the label map's path
 
 
 class Problems:
@@ -132,10 +135,10 @@ def _exists(path: str) -> bool:
     return os.path.isfile(path) or os.path.isdir(path)  # a folder is one DICOM series
 
 
-def _row_path(base: str, text: str, where: str) -> str:
+def _row_path(base: str, text: str, where: str, what: str = "image") -> str:
     if not text:
-        raise DataError(f"{where}: the path is empty. Fix: give the image's path (relative to the manifest's folder) "
-                        "or remove the row.")
+        raise DataError(f"{where}: the {what} path is empty. Fix: give the {what}'s path (relative to the manifest's "
+                        "folder) or remove the row.")
     path = text if os.path.isabs(text) else os.path.join(base, text)
     if _exists(path):
         return path
@@ -145,7 +148,7 @@ def _row_path(base: str, text: str, where: str) -> str:
         there = f"; {found} exists" if _exists(found) else ""
         raise DataError(f"{where}: {text!r} is a Windows path (backslashes), which names no file here{there}. "
                         f"Fix: write the manifest's paths with forward slashes ({posix}).")
-    raise DataError(f"{where}: image file not found: {path}. Fix: restore the file or remove the row.")
+    raise DataError(f"{where}: {what} file not found: {path}. Fix: restore the file or remove the row.")
 
 
 def _manifest_not_found(manifest_path: str, sites=()) -> str:
@@ -171,21 +174,25 @@ def _manifest_not_found(manifest_path: str, sites=()) -> str:
 
 
 def read_manifest(manifest_path: str, num_classes: int, class_names=None,
-                  problems: Problems | None = None, sites=()) -> list[Sample]:
+                  problems: Problems | None = None, sites=(), task: str = "classification") -> list[Sample]:
     """The site's rows as Samples. Every bad row is a problem naming the manifest, the row and the fix: with a
     `problems` collector all of them are collected (and the bad rows left out), without one the first is raised.
-    sites: the federation's site names (a missing site folder's near miss is never another site's folder)."""
+    sites: the federation's site names (a missing site folder's near miss is never another site's folder).
+    task segmentation: the columns are path,mask,split (a label map per image, no label)."""
+    segmentation = task == "segmentation"
+    required = SEGMENTATION_COLUMNS if segmentation else REQUIRED_COLUMNS
     if not os.path.isfile(manifest_path):
         _report(problems, "manifest", _manifest_not_found(manifest_path, sites))
         return []
     base = os.path.dirname(os.path.abspath(manifest_path))
     header, rows = read_csv(manifest_path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         close = {c: near_misses(c, header) for c in missing}
         renames = ", ".join(f"'{v[0]}' -> '{c}'" for c, v in close.items() if v)
-        _report(problems, "manifest", f"{manifest_path}: missing column(s) {missing}; found {header}. Fix: "
-                + (f"rename {renames}; " if renames else "") + "the header must be path,label,split (and "
+        hint = " (data.task is segmentation)" if segmentation else ""
+        _report(problems, "manifest", f"{manifest_path}: missing column(s) {missing}; found {header}{hint}. Fix: "
+                + (f"rename {renames}; " if renames else "") + f"the header must be {','.join(required)} (and "
                 "optionally patient_id).")
         return []
     samples, seen = [], {}
@@ -199,11 +206,15 @@ def read_manifest(manifest_path: str, num_classes: int, class_names=None,
             ok = False
             _report(problems, "patient_id", f"{where}: empty {PATIENT_COLUMN}. Fix: give every row its patient's id "
                                             "(or drop the column: splits and DP-SGD then count images, not patients).")
+        label, mask = 0, None
         try:
-            label = parse_label(row.get("label", ""), num_classes, class_names, where)
+            if segmentation:
+                mask = _row_path(base, row.get("mask", ""), where, "mask")
+            else:
+                label = parse_label(row.get("label", ""), num_classes, class_names, where)
         except DataError as err:
             ok = False
-            _report(problems, "label", str(err))
+            _report(problems, "mask file not found" if segmentation else "label", str(err))
         split = row.get("split", "")
         if split not in SPLITS:
             ok = False
@@ -230,7 +241,7 @@ def read_manifest(manifest_path: str, num_classes: int, class_names=None,
         if not ok:
             continue
         seen.setdefault(key, (row_no, split))
-        samples.append(Sample(path, label, split, patient, row_no))
+        samples.append(Sample(path, label, split, patient, row_no, mask))
         if with_patients:
             patient_rows.setdefault(patient, {}).setdefault(split, []).append(row_no)
     if not rows:
@@ -342,14 +353,22 @@ def _item_path(item) -> str:
     return str(getattr(image, "meta", {}).get("filename_or_obj", "") or "")
 
 
-def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image") -> Compose:
+def build_transforms(data_cfg, model_in_channels: int, normalization, train: bool, family: str = "image",
+                     track_meta: bool = False) -> Compose:
     """One declared pipeline for 2D and 3D, whatever the format: the two differ only in the steps listed.
 
     decode (per file: read, layout, intensity to [0, 1]; readers.py) -> (orientation, spacing: 3D) -> size
     -> (augment: train) -> channels adapted to the backbone (per file) -> the backbone's normalization -> tensors.
-    `family` is kept for callers; each file is read by the reader of its own format.
+    `family` is kept for callers; each file is read by the reader of its own format. track_meta: the output keeps
+    MONAI's metadata and the record of spatial steps (what Invertd needs to map a prediction back to the file).
     """
-    keys = ["image"]
+    segmentation = data_cfg.task == "segmentation"
+    keys = ["image", "mask"] if segmentation else ["image"]
+    image_mode = "bilinear" if data_cfg.spatial_dims == 2 else "trilinear"
+    # a mask moves with its image, by nearest neighbour (its values are class indices)
+    modes = {"resize": (image_mode, "nearest"), "spacing": ("bilinear", "nearest"),
+             "affine": ("bilinear", "nearest"), "padding": ("border", "zeros")} if segmentation else \
+        {"resize": image_mode, "spacing": "bilinear", "affine": "bilinear", "padding": "border"}
     dims = data_cfg.spatial_dims
     size = (data_cfg.image_size,) * dims
     adapt = data_cfg.channel_adapt != "error"
@@ -357,26 +376,33 @@ def build_transforms(data_cfg, model_in_channels: int, normalization, train: boo
         raise DataError(
             f"data.in_channels={data_cfg.in_channels} but the backbone expects {model_in_channels} channels "
             "(data.channel_adapt=error). Fix: convert the images, or set data.channel_adapt: adapt.")
-    steps = [DecodeImaged(keys, DecodeOptions.from_config(data_cfg))]
+    steps = [DecodeImaged(["image"], DecodeOptions.from_config(data_cfg))]
+    if segmentation:
+        from fedopal.site.masks import DecodeMaskd
+
+        steps.append(DecodeMaskd(["mask"], dims, data_cfg.num_classes, image_key="image"))
     if dims == 3 and data_cfg.orientation:
         steps.append(Orientationd(keys, axcodes=data_cfg.orientation))
     if dims == 3 and data_cfg.spacing:
-        steps.append(Spacingd(keys, pixdim=data_cfg.spacing, mode="bilinear"))
+        steps.append(Spacingd(keys, pixdim=data_cfg.spacing, mode=modes["spacing"]))
     if data_cfg.spatial_mode == "resize":
-        steps.append(Resized(keys, spatial_size=size, mode="bilinear" if dims == 2 else "trilinear"))
+        steps.append(Resized(keys, spatial_size=size, mode=modes["resize"]))
     else:
         steps.append(ResizeWithPadOrCropd(keys, spatial_size=size))
+    if train and segmentation and data_cfg.roi_size:  # patches of the image; whole images by sliding window
+        steps.append(RandSpatialCropd(keys, roi_size=(data_cfg.roi_size,) * dims, random_size=False))
     if train and data_cfg.augment:
         steps.append(RandAffined(keys, prob=0.5, rotate_range=(0.15,) * (1 if dims == 2 else 3),
-                                 scale_range=(0.1,) * dims, translate_range=(2,) * dims, padding_mode="border"))
+                                 scale_range=(0.1,) * dims, translate_range=(2,) * dims, mode=modes["affine"],
+                                 padding_mode=modes["padding"]))
         if dims == 3:
             steps.append(RandFlipd(keys, prob=0.5, spatial_axis=0))
-    steps.append(AdaptChannelsd(keys, model_in_channels, allow=adapt))
+    steps.append(AdaptChannelsd(["image"], model_in_channels, allow=adapt))
     if normalization is not None:
         mean, std = normalization
-        steps.append(NormalizeIntensityd(keys, subtrahend=mean[:model_in_channels], divisor=std[:model_in_channels],
-                                         channel_wise=True))
-    steps.append(EnsureTyped(keys + ["label"], track_meta=False))
+        steps.append(NormalizeIntensityd(["image"], subtrahend=mean[:model_in_channels],
+                                         divisor=std[:model_in_channels], channel_wise=True))
+    steps.append(EnsureTyped(keys + ["label"], track_meta=track_meta))
     return SitePipeline(steps)
 
 
@@ -397,6 +423,12 @@ class SeededCacheDataset(CacheDataset):
         return super()._transform(index)
 
 
+def item_of(sample: Sample) -> dict:
+    """A sample as the pipeline's input dictionary (image, label, and the mask where there is one)."""
+    item = {"image": sample.path, "label": sample.label}
+    return item | {"mask": sample.mask} if sample.mask else item
+
+
 def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, normalization,
                    manifest_path: str = "", seed: int = 0) -> dict[str, CacheDataset]:
     """One CacheDataset per split; the deterministic steps are cached once per job, augmentation of the training
@@ -404,7 +436,7 @@ def build_datasets(data_cfg, samples: list[Sample], model_in_channels: int, norm
     family = file_format(samples, data_cfg.spatial_dims, manifest_path, data_cfg.in_channels)
     datasets = {}
     for split in SPLITS:
-        items = [{"image": s.path, "label": s.label} for s in samples if s.split == split]
+        items = [item_of(s) for s in samples if s.split == split]
         transform = build_transforms(data_cfg, model_in_channels, normalization, train=split == "train",
                                      family=family)
         transform.set_random_state(seed=seed)
@@ -523,8 +555,9 @@ def find_inputs(inputs: list[str]) -> tuple[list[Sample], list[tuple[str, str]]]
 
 
 def read_input_manifest(manifest_path: str, num_classes: int, class_names=None) -> list[Sample]:
-    """A manifest of images to predict: `path` is required; `label` and `split` are optional (a site's training
-    manifest works as it is). Rows are checked as in read_manifest; labels may be left empty."""
+    """A manifest of images to predict: `path` is required; `label`, `split` and (segmentation) `mask`, a reference
+    label map, are optional (a site's training manifest works as it is). Rows are checked as in read_manifest;
+    labels and masks may be left empty."""
     if not os.path.isfile(manifest_path):
         raise DataError(f"{manifest_path}: manifest not found. Fix: pass a CSV with a 'path' column "
                         "(optional: label, split).")
@@ -538,7 +571,8 @@ def read_input_manifest(manifest_path: str, num_classes: int, class_names=None) 
         where = f"{manifest_path}:{row_no}"
         text = row.get("label", "")
         label = parse_label(text, num_classes, class_names, where) if text else UNLABELED
-        samples.append(Sample(_row_path(base, row.get("path", ""), where), label, row.get("split", "")))
+        mask = _row_path(base, row["mask"], where, "mask") if row.get("mask") else None  # a reference label map
+        samples.append(Sample(_row_path(base, row.get("path", ""), where), label, row.get("split", ""), mask=mask))
     if not samples:
         raise DataError(f"{manifest_path}: no rows. Fix: list the images to predict, one per row.")
     return samples

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fedopal.model.backbones import build_backbone
-from fedopal.config import ConfigError, FedOpalConfig, config_with_overrides, job_dict
+from fedopal.config import HEADLINE, ConfigError, FedOpalConfig, config_with_overrides, job_dict
 from fedopal.site.device import cpu_copy
 from fedopal.specs.methods import MethodSpec, get_method, group_of
 
@@ -44,7 +44,9 @@ MANIFEST = "manifest.json"
 ADAPTERS = "adapters.safetensors"
 MERGED = "merged.safetensors"
 INSTANCE_BANK = "fedopal.instance_bank"  # FedDPA: training features that weight the personal adapter
-KEY_METRIC = "val/balanced_accuracy"  # the protocol's selection metric, within a view
+def key_metric(task: str) -> str:
+    """The protocol's selection metric, within a view: validation balanced accuracy, or Dice (segmentation)."""
+    return "val/" + HEADLINE[task]
 
 
 class ExportError(ValueError):
@@ -263,7 +265,7 @@ class SiteExporter:
         for view, adapters in views_of(self.model.spec).items():
             best_folder = os.path.join(self.root, "best", view)
             if round_num + 1 >= self.first_eligible_round and self._improves(  # round_num is FLARE's, from 0
-                    _read_manifest_if_any(best_folder), round_num, metrics.get(f"{view}/{KEY_METRIC}")):
+                    _read_manifest_if_any(best_folder), round_num, metrics.get(f"{view}/{key_metric(self.cfg.data.task)}")):
                 written[view] = write_view(self.model, self.cfg, view, adapters, best_folder, round_num, metrics,
                                            self.cfg.export.merged, fingerprint, **details)
         if total_rounds is None or round_num >= total_rounds - 1:
@@ -274,7 +276,7 @@ class SiteExporter:
     def _improves(self, best: dict | None, round_num: int, score: float | None) -> bool:
         if best is None or best.get("run_id") != self.run_id or best.get("round", -1) >= round_num + 1:
             return True  # nothing yet, or left by an earlier run (the simulator reuses its job id)
-        best_score = best.get("metrics", {}).get(KEY_METRIC, math.nan)
+        best_score = best.get("metrics", {}).get(key_metric(self.cfg.data.task), math.nan)
         if score is None or math.isnan(score):
             return False
         return math.isnan(best_score) or score > best_score

@@ -17,7 +17,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 import fedopal
-from fedopal.config import FedOpalConfig, job_dict
+from fedopal.config import HEADLINE, FedOpalConfig, job_dict
 from fedopal.model.adapters import build_model, count_params, nbytes, tensor_norm
 from fedopal.site import distributed
 from fedopal.site.data import build_datasets, patient_index, read_manifest, resolve_path, site_manifest_path
@@ -77,13 +77,14 @@ class SiteRuntime:
         check_precision(device, cfg.train.precision)
         manifest = site_manifest_path(cfg, site)
         # every row and file, before any training (rank 0; the others read the manifest it checked)
-        samples = check_site(cfg, site, manifest) if main else read_manifest(manifest, cfg.data.num_classes,
-                                                                             cfg.data.class_names)
+        samples = check_site(cfg, site, manifest) if main else read_manifest(
+            manifest, cfg.data.num_classes, cfg.data.class_names, task=cfg.data.task)
         model = build_model(cfg, spec, site_name=site)
         datasets = build_datasets(cfg.data, samples, model.in_channels, model.normalization, manifest, cfg.train.seed)
         dpsgd = cfg.privacy.enabled and cfg.privacy.mode == "dpsgd"
         trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers, device, ctx,
-                              privacy=cfg.privacy if dpsgd else None, patient_of=patient_index(samples))
+                              privacy=cfg.privacy if dpsgd else None, patient_of=patient_index(samples),
+                              roi_size=cfg.data.roi_size, class_name=cfg.data.class_name)
         run = cls(cfg, site, ctx, trainer, policy=job_policy(cfg), job=job)
         state, note = None, ""
         if main:
@@ -140,8 +141,9 @@ class SiteRuntime:
             print(f"[{self.site}] round {round_num + 1}: DP-SGD epsilon {stats['epsilon']:.3f} per {stats['unit']} at "
                   f"delta {self.cfg.privacy.delta:g} (noise multiplier {stats['noise_multiplier']:.3f}, "
                   f"{stats['dp_steps']} steps)")
+        headline = HEADLINE[self.cfg.data.task]
         print(f"[{self.site}] round {round_num + 1}: task loss {stats['task_loss']:.4f}, "
-              f"test bal. acc. {metrics['personalized/test/balanced_accuracy']:.3f}")
+              f"test {headline.replace('_', ' ')} {metrics[f'personalized/test/{headline}']:.3f}")
 
     def allowed(self, values: dict, where: str, task: str = TRAIN) -> dict:
         """The entries of `values` the job's wire policy lets out (metrics, tracking tags)."""

@@ -1,4 +1,5 @@
-"""Which round a site reports: test metrics at the round where its validation balanced accuracy peaked.
+"""Which round a site reports: test metrics at the round where its validation balanced accuracy (segmentation: Dice)
+peaked.
 
 One rule for every table (the job summary, the benchmark, the late joiner) and for the site's `best` export
 (METHOD.md): never selected on test. Under differential privacy in update mode, the rounds before the first noised
@@ -35,7 +36,9 @@ def interval(record: dict, key: str) -> list[float] | None:
     return [low, high] if low is not None and high is not None else None
 
 
-def site_row(site: str, records: list[dict], first_eligible_round: int = 0) -> dict:
+def site_row(site: str, records: list[dict], first_eligible_round: int = 0, task: str = "classification") -> dict:
+    if task == "segmentation":
+        return segmentation_row(site, records, first_eligible_round)
     best = best_round(records, first_eligible_round=first_eligible_round)
     final = records[-1]
     chosen = best or final  # no measurable validation round: report the final round, and say so
@@ -57,3 +60,25 @@ def site_row(site: str, records: list[dict], first_eligible_round: int = 0) -> d
     return row
 
 
+
+
+def segmentation_row(site: str, records: list[dict], first_eligible_round: int = 0) -> dict:
+    """A segmentation site's row: test Dice (with its interval), HD95 and each class's Dice at the round where its
+    validation Dice peaked."""
+    best = best_round(records, "personalized/val/dice", first_eligible_round)
+    final = records[-1]
+    chosen = best or final
+    prefix = "personalized/test/dice/"
+    return {
+        "site": site,
+        "best_val_round": best["round"] if best else "n/a (final)",
+        "dice_personalized": chosen["personalized/test/dice"],
+        "dice_global_only": chosen.get("global_only/test/dice", float("nan")),
+        "hd95": chosen["personalized/test/hd95"],
+        "dice_per_class": {k[len(prefix):]: v for k, v in chosen.items() if k.startswith(prefix)},
+        "dice_personalized_ci": interval(chosen, "personalized/test/dice"),
+        "dice_personalized_final": final["personalized/test/dice"],
+        "bytes_per_round": final["bytes_sent"],
+        "trainable_params": final["trainable_params"],
+        "rounds": len(records),
+    }

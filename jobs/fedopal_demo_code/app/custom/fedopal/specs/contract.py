@@ -65,6 +65,8 @@ class Field:
 
 
 _METRICS = "{personalized,global_only}/{val,test}/{balanced_accuracy,accuracy,auc}"
+# segmentation (data.task): mean Dice and HD95 over the foreground classes, and each class's (dice/<class name>)
+_SEG_METRICS = "{personalized,global_only}/{val,test}/{dice,hd95,dice/*,hd95/*}"
 SITE_FIELDS: tuple[Field, ...] = (
     *(Field(g, "tensor", (TRAIN,), True, "noised",
             f"the update of tensor group {g} (its value after local training minus the value received)")
@@ -87,6 +89,10 @@ SITE_FIELDS: tuple[Field, ...] = (
     Field(_METRICS, "metric", (TRAIN, VALIDATE), True, "site allows",
           "validation and test metrics of the personalized and global-only models"),
     Field(_METRICS, "event_tag", (EVENT,), True, "site allows", "the same metrics, as tracking events"),
+    Field(_SEG_METRICS, "metric", (TRAIN, VALIDATE), True, "site allows",
+          "segmentation: validation and test Dice and HD95 (mean and per class) of both models"),
+    Field(_SEG_METRICS, "event_tag", (EVENT,), True, "site allows", "the same segmentation metrics, as tracking "
+                                                                      "events"),
     Field("train/{task_loss,orth_loss}", "event_tag", (EVENT,), True, "site allows",
           "mean training losses of the round"),
     Field("train/lr_first", "event_tag", (EVENT,), False, "setting", "learning rate at the round's first step"),
