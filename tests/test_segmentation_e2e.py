@@ -67,6 +67,17 @@ def test_hc18_federation_trains_in_the_simulator_and_predicts_masks(tmp_path):
     assert set(hc["sites"]) == {"site-1", "site-2"}
     assert os.path.isfile(tmp_path / "hc" / "hc.md")
 
+    # a late joiner (site-2's data as a new site) from the federation's global model: its own decoder + adapter
+    from fedopal.site.latejoin import main as latejoin_main
+
+    global_model = os.path.join(job_ws, "server", "simulate_job", "app_server", "FL_global_model.pt")
+    config = tmp_path / "seg.yaml"
+    config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    assert latejoin_main(["--global-model", global_model, "--site-dir", str(fed / "site-2"), "--out",
+                          str(tmp_path / "late"), "--config", str(config), "--set", "train.num_rounds=1"]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "late" / "metrics.jsonl")]
+    assert records[-1]["method"] == "late_join" and "personalized/test/dice" in records[-1]
+
 
 def test_real_nrrd_tumour_volumes_validate_train_and_predict_on_their_own_grid(tmp_path):
     from fedopal.model.adapters import build_model

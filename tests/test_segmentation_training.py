@@ -148,3 +148,34 @@ def test_3d_patches_and_sliding_window(tmp_path):
     trainer.train_round()
     metrics = trainer.evaluate(("test",))
     assert 0.0 <= metrics["personalized/test/dice"] <= 1.0
+
+
+def test_predicting_a_dicom_series_writes_a_dicom_seg_on_its_instances(tmp_path):
+    """A DICOM series in, a DICOM SEG out (highdicom), referencing the series' instances: read back on the series'
+    grid it is the label map written beside it as NIfTI."""
+    from test_masks import _ct_series
+
+    from fedopal.site.data import Sample
+    from fedopal.site.masks import decode_mask
+    from fedopal.site.readers import DecodeOptions, decode
+    from fedopal.site.segment_predict import predict_masks
+
+    volume = np.random.default_rng(0).integers(0, 1000, (20, 18, 8)).astype(np.int16)
+    _ct_series(tmp_path / "series", volume)
+    cfg = config_from_dict({"data": {"task": "segmentation", "spatial_dims": 3, "image_size": 16,
+                                     "class_names": ["background", "organ"]},
+                            "model": {"backbone": "unetr", "pretrained": False,
+                                      "vit": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 3}}})
+    model = build_model(cfg, get_method("fedavg_lora"), "site-1")
+    torch.nn.init.constant_(model.head.out.conv.conv.bias, 0.0)
+    model.head.out.conv.conv.bias.data[1] = 0.05  # a little foreground everywhere the decoder is unsure
+    (row,) = predict_masks(model, cfg, [Sample(str(tmp_path / "series"), -1, "")], str(tmp_path / "out"))
+    assert row["mask_written"].endswith(".seg.dcm")
+    nifti = nib.load(row["mask_written"].removesuffix(".seg.dcm") + ".nii.gz")
+    labels = np.asarray(nifti.dataobj)
+    assert labels.shape == volume.shape and labels.any()
+    image, _ = decode(str(tmp_path / "series"), DecodeOptions(3, 1))
+    seg, info = decode_mask(row["mask_written"], 3, 2, like=image)
+    assert info.format == "dicom-seg"
+    assert np.array_equal(seg[0].numpy(), labels)
+    np.testing.assert_allclose(nifti.affine, image.affine.numpy(), atol=1e-5)

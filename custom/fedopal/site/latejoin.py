@@ -33,7 +33,7 @@ import torch
 import fedopal
 from fedopal.model.adapters import FedOpalModel, build_model, count_params
 from fedopal.model.backbones import BackboneError
-from fedopal.config import ConfigError, FedOpalConfig, config_with_overrides, load_config, parse_overrides
+from fedopal.config import HEADLINE, ConfigError, FedOpalConfig, config_with_overrides, load_config, parse_overrides
 from fedopal.site.data import DataError, build_datasets, read_manifest
 from fedopal.site.device import DeviceError, resolve_device
 from fedopal.site.export import (ADAPTERS, ExportError, SiteExporter, backbone_fingerprint,
@@ -131,7 +131,9 @@ def train_site(cfg: FedOpalConfig, method: str, site: str, datasets: dict, globa
         load_into(model, global_tensors, source)
     datasets["train"].transform.set_random_state(cfg.train.seed)  # augmentation draws: the same for every method
     trainer = SiteTrainer(model, datasets, cfg.train, cfg.data.batch_size, cfg.data.num_workers,
-                          resolve_device(cfg.train.device))
+                          resolve_device(cfg.train.device), roi_size=cfg.data.roi_size,
+                          class_name=cfg.data.class_name)
+    headline = HEADLINE[cfg.data.task]
     trainable = count_params({k: v for k, v in model.state_dict().items() if k in set(model.trainable_keys())})
     store = SiteStore(out) if out else None
     run_id = f"{method}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
@@ -153,10 +155,12 @@ def train_site(cfg: FedOpalConfig, method: str, site: str, datasets: dict, globa
             store.append_metrics(record)
             exporter.write(round_num, metrics, cfg.train.num_rounds)
         log(f"  {spec.name} seed {cfg.train.seed} round {round_num + 1}/{cfg.train.num_rounds}: task loss "
-            f"{stats['task_loss']:.3f}, val bal. acc. {metrics['personalized/val/balanced_accuracy']:.3f}"
+            f"{stats['task_loss']:.3f}, val {headline.replace('_', ' ')} {metrics[f'personalized/val/{headline}']:.3f}"
             + ("  (before training)" if round_num < 0 else ""))
-    return {"method": spec.name, "seed": cfg.train.seed, "wall_s": round(time.time() - start, 1),
-            **site_row(site, records)}
+    row = site_row(site, records, task=cfg.data.task)
+    if cfg.data.task == "segmentation":  # the comparison's columns, with Dice in the headline's place
+        row |= {"bacc_personalized": row["dice_personalized"], "accuracy": float("nan"), "auc": float("nan")}
+    return {"method": spec.name, "seed": cfg.train.seed, "wall_s": round(time.time() - start, 1), **row}
 
 
 def limit_train(samples: list, limit: int, seed: int = 0) -> list:
@@ -175,7 +179,7 @@ def limit_train(samples: list, limit: int, seed: int = 0) -> list:
 def site_data(cfg: FedOpalConfig, site_dir: str, train_limit: int | None = None) -> tuple[str, dict]:
     """(manifest path, cached datasets) for one site folder; every model of one config shares the pipeline."""
     manifest = os.path.join(site_dir, cfg.data.manifest)
-    samples = read_manifest(manifest, cfg.data.num_classes, cfg.data.class_names)
+    samples = read_manifest(manifest, cfg.data.num_classes, cfg.data.class_names, task=cfg.data.task)
     if train_limit:
         samples = limit_train(samples, train_limit)
     probe = build_model(cfg, get_method("local"))  # the backbone's input channels and normalization
@@ -214,7 +218,10 @@ def compare(cfg: FedOpalConfig, global_path: str, site_dir: str, seeds: list[int
     manifest, datasets = site_data(cfg, site_dir, train_limit)
     start = time.time()
     results: dict[str, list[dict]] = {"global_only": [], "late_join": [], "local": []}
-    if "head" in {group_of(k) for k in tensors}:
+    if "head" in {group_of(k) for k in tensors} and cfg.data.task == "segmentation":
+        log("segmentation: no global-only row here; fedopal predict --model <the global export> --manifest ... "
+            "gives its Dice")
+    elif "head" in {group_of(k) for k in tensors}:
         folder = export_global_model(cfg, tensors, round_num, os.path.join(out, GLOBAL_EXPORT), global_path)
         m = evaluate_export(folder, manifest, split="test", device=cfg.train.device)
         results["global_only"].append({"bacc_personalized": m["balanced_accuracy"], "accuracy": m["accuracy"],
@@ -248,7 +255,8 @@ def budget_text(cfg: FedOpalConfig) -> str:
 def compare_table(summary: dict, cfg: FedOpalConfig) -> str:
     lines = [f"### Late joiner {summary['site']} ({summary['train_images']} training images): {cfg.model.backbone}, "
              f"r={cfg.model.lora_rank}, {summary['budget']}, lr {cfg.train.lr:g}, seeds {summary['seeds']}", "",
-             "| model on the new site | bal. acc. (test) | accuracy | AUC | best val round | trained params |",
+             f"| model on the new site | {'Dice' if cfg.data.task == 'segmentation' else 'bal. acc.'} (test) | "
+             "accuracy | AUC | best val round | trained params |",
              "|---|---|---|---|---|---|"]
     for key, label in ROWS:
         runs = summary["results"][key]
@@ -310,7 +318,8 @@ def main(argv=None) -> int:
     except (LateJoinError, ExportError, DataError, ConfigError, BackboneError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{site} joined: test balanced accuracy {row['bacc_personalized']:.3f} at the best validation round "
+    print(f"{site} joined: test {'Dice' if cfg.data.task == 'segmentation' else 'balanced accuracy'} "
+          f"{row['bacc_personalized']:.3f} at the best validation round "
           f"{row['best_val_round']} ({row['trainable_params']:,} trained params, {row['wall_s']:.0f} s)")
     print(f"model: {os.path.join(args.out, 'export', 'best', 'personalized')} (fedopal predict --model ...)")
     return 0

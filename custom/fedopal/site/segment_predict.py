@@ -23,6 +23,8 @@ import re
 import numpy as np
 import torch
 from monai.data import MetaTensor
+
+import fedopal
 from monai.transforms import Invertd
 
 from fedopal.site.data import DataError, Sample, build_transforms
@@ -63,7 +65,6 @@ def _write_dicom_seg(labels: np.ndarray, source: str, class_names: list[str], pa
     class present. The label map is (rows, columns[, slices]) in readers.py's order, slices sorted along the normal."""
     import highdicom as hd
     import pydicom
-    from highdicom.sr.codedict import codes
 
     from fedopal.site.readers import _series
 
@@ -77,18 +78,19 @@ def _write_dicom_seg(labels: np.ndarray, source: str, class_names: list[str], pa
     if not present:
         present = [1]
     pixel_array = np.stack([frames == k for k in present], axis=-1).astype(np.uint8)
+    code = hd.sr.CodedConcept
+    tissue = code("85756007", "SCT", "Tissue")  # the class names are the site's own: the segment labels carry them
+    algorithm = hd.AlgorithmIdentificationSequence(name="FedOPAL", version=fedopal.__version__,
+                                                   family=code("123110", "DCM", "Artificial Intelligence"))
     descriptions = [hd.seg.SegmentDescription(
-        segment_number=i + 1, segment_label=class_names[k],
-        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(name="FedOPAL", version="1",
-                                                                    family=codes.DCM.ArtificialIntelligence))
-        for i, k in enumerate(present)]
+        segment_number=i + 1, segment_label=class_names[k], segmented_property_category=tissue,
+        segmented_property_type=tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for i, k in enumerate(present)]
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=pixel_array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="FedOPAL", manufacturer_model_name="fedopal",
-        software_versions="fedopal", device_serial_number="0")
+        software_versions=fedopal.__version__, device_serial_number="0")
     seg.save_as(path)
     return path
 
