@@ -179,3 +179,22 @@ def test_predicting_a_dicom_series_writes_a_dicom_seg_on_its_instances(tmp_path)
     assert info.format == "dicom-seg"
     assert np.array_equal(seg[0].numpy(), labels)
     np.testing.assert_allclose(nifti.affine, image.affine.numpy(), atol=1e-5)
+
+
+def test_a_segmentation_export_and_its_merged_copy_give_the_same_masks(tmp_path):
+    from fedopal.site.export import export_site_model, load_exported
+
+    cfg = cfg_2d(image_size=32)
+    model = build_model(cfg, get_method("fedopal_w"), "site-1")
+    with torch.no_grad():  # a trained-looking model: B and the decoder moved away from their init
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    export_site_model(model, cfg, str(tmp_path / "export"), 0, {}, merged=True)
+    x = torch.rand(2, 1, 32, 32)
+    adapters, _, _ = load_exported(str(tmp_path / "export" / "personalized"))
+    merged, _, _ = load_exported(str(tmp_path / "export" / "personalized"), merged=True)
+    with torch.no_grad():
+        reference = model.eval()(x)
+        torch.testing.assert_close(adapters(x), reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged(x), reference, rtol=0, atol=1e-4)
