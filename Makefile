@@ -200,7 +200,8 @@ docs: $(STAMP)
 		(mkdir -p docs/results/privacy/$$mode && cp results/privacy/$$mode/summary.md results/privacy/$$mode/wire_fields.json docs/results/privacy/$$mode/); done
 	[ ! -f results/demo_3d/summary.md ] || cp results/demo_3d/summary.md results/demo_3d/summary.json docs/results/demo_3d/
 	[ ! -f results/demo_seg/hc.md ] || (mkdir -p docs/results/demo_seg && cp results/demo_seg/summary.md \
-		results/demo_seg/summary.json results/demo_seg/hc.md results/demo_seg/hc.json docs/results/demo_seg/)
+		results/demo_seg/summary.json results/demo_seg/wire_fields.json results/demo_seg/hc.md results/demo_seg/hc.json \
+		docs/results/demo_seg/)
 	[ ! -f workspace/poc/results/report.md ] || cp workspace/poc/results/report.md docs/results/poc/
 	[ ! -f results/latejoin/compare.md ] || (mkdir -p docs/results/latejoin/small_site && \
 		cp results/latejoin/compare.md docs/results/latejoin/ && \

@@ -159,7 +159,8 @@ def _perf_table() -> str:
 # the real runs docs/privacy.md's "What leaves a site" comes from (their wire_fields.json: tools.report.wire_fields)
 WIRE_RUNS = (("no DP", "docs/results/demo/wire_fields.json"),
              ("DP update", "docs/results/privacy/update/wire_fields.json"),
-             ("DP-SGD", "docs/results/privacy/dpsgd/wire_fields.json"))
+             ("DP-SGD", "docs/results/privacy/dpsgd/wire_fields.json"),
+             ("segmentation", "docs/results/demo_seg/wire_fields.json"))
 _WHERE_ORDER = {"FLARE protocol": 0, "dxo_kind": 1, "tensor": 2, "meta": 3, "metric": 4, "event_tag": 5}
 _TASK_ORDER = {"train": 0, "validate": 1, "event": 2}
 
@@ -205,7 +206,7 @@ def _wire_table() -> str:
 BLOCKS = {
     "demo-table": lambda: _summary_table("docs/results/demo/summary.md"),
     "demo-3d-table": lambda: _summary_table("docs/results/demo_3d/summary.md"),
-    "demo-seg-table": lambda: _summary_table("docs/results/demo_seg/summary.md"),
+    "demo-seg-table": lambda: _summary_table("docs/results/demo_seg/summary.md").split("\n\nCross-site")[0],
     "demo-seg-hc": lambda: _read("docs/results/demo_seg/hc.md"),
     "poc-table": lambda: _read("docs/results/poc/report.md"),
     "latejoin-table": lambda: "\n\n".join(_read(p) for p in ("docs/results/latejoin/compare.md",
