@@ -25,6 +25,7 @@ def finished_job(small_federation, tmp_path_factory):
     root, _ = small_federation
     raw = tiny_config(root, method="fedopal_w").model_dump(mode="json")
     raw["data"]["sites"] = {"site-2": {"intensity_range": [0, 255]}}  # the same values as 8 bits' own: site-2's own
+    raw["federation"] |= {"tracking": "both", "site_mlflow": True}  # TensorBoard and MLflow, and each site's own
     cfg = config_from_dict(raw)
     ws = tmp_path_factory.mktemp("sim")
     job_ws = simulate(cfg, str(ws))  # raises if the simulator fails
@@ -80,6 +81,41 @@ def test_metrics_reached_tensorboard_event_files(finished_job):
         tags = acc.Tags()["scalars"]
         assert "personalized/test/balanced_accuracy" in tags and "train/orth_loss" in tags
         assert [e.step for e in acc.Scalars("personalized/test/balanced_accuracy")] == [1, 2]  # rounds from 1
+
+
+def _mlflow_runs(db: str) -> dict:
+    """{run name: {metric: [(step, value)]}} read back with MLflow's own client from an SQLite tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    out = {}
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            out[run.info.run_name] = {"tags": run.data.tags, "experiment": experiment, "metrics": {
+                key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                for key in run.data.metrics}}
+    return out
+
+
+def test_metrics_reached_mlflow_on_the_server_and_at_each_site(finished_job):
+    """MLflow (federation.tracking both, site_mlflow): one server run per site and one run at each site, each
+    holding, per round, the metrics the site logged in metrics.jsonl, and the config and version as tags/note."""
+    import fedopal
+
+    cfg, job_ws = finished_job
+    records = collect_site_records(job_ws)
+    (server_db,) = glob.glob(os.path.join(job_ws, "server", "**", "mlflow.db"), recursive=True)
+    server = _mlflow_runs(server_db)
+    for site, rs in records.items():
+        (run,) = [r for name, r in server.items() if name.startswith(f"{site}-")]
+        assert run["tags"]["fedopal_version"] == fedopal.__version__ and run["tags"]["method"] == "fedopal_w"
+        assert "num_rounds: 2" in run["experiment"].tags["mlflow.note.content"]
+        for key in ("personalized/test/balanced_accuracy", "global_only/val/auc"):
+            assert run["metrics"][key] == [(r["round"], pytest.approx(r[key])) for r in rs]
+        (site_db,) = glob.glob(os.path.join(job_ws, site, "**", "mlflow.db"), recursive=True)
+        (own,) = _mlflow_runs(site_db).values()
+        assert own["metrics"]["personalized/test/balanced_accuracy"] == \
+            run["metrics"]["personalized/test/balanced_accuracy"]
 
 
 def test_the_same_seed_gives_the_same_metrics(finished_job, tmp_path):

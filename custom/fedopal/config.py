@@ -304,6 +304,18 @@ class FederationConfig(_Section):
     straggler_wait_s: int = Field(600, ge=0, description="with min_clients < num_sites: seconds a round waits for the "
                                                          "other sites after min_clients answered")
     site_names: Optional[list[str]] = Field(None, description="default: site-1 .. site-N")
+    tracking: Literal["tensorboard", "mlflow", "both"] = Field(
+        "tensorboard", description="experiment tracking on the server (NVFlare's receivers): TensorBoard event files "
+                                   "(tb_events/<site>), MLflow runs (one per site; the job's config and the fedopal "
+                                   "version on each), or both; a site streams only the tags its wire policy allows")
+    mlflow_uri: Optional[str] = Field(
+        None, description="the server's MLflow tracking URI (e.g. http://mlflow.consortium:5000); default: an SQLite "
+                          "file, mlflow.db, in the job's result folder on the server")
+    site_mlflow: bool = Field(
+        False, description="also an MLflow of each site's own (NVFlare's client-side receiver): the site's tracked "
+                           "tags, in an SQLite file in the site's own job result folder, or site_mlflow_uri")
+    site_mlflow_uri: Optional[str] = Field(None, description="with site_mlflow: every site's tracking URI "
+                                                             "(default: its own SQLite file)")
     gpu_mem_gib: float = Field(0, ge=0, description="with train.device cuda: GPU memory (GiB) each site's GPU must "
                                                     "offer for FLARE to schedule the job (resource_spec)")
     aggregation_weights: Optional[Literal["samples", "equal"]] = Field(

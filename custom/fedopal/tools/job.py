@@ -39,10 +39,12 @@ import threading
 import time
 import warnings
 
+import yaml
+
 import fedopal
 from fedopal.config import (HEADLINE, ConfigError, FedOpalConfig, config_from_dict, job_dict, load_config,
                             parse_overrides)
-from fedopal.site.state import simulation_state_root
+from fedopal.site.state import job_identity, simulation_state_root
 from fedopal.specs.methods import get_method
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedopal.__file__))
@@ -97,6 +99,34 @@ class SiteRunner:
         return {}
 
 
+def mlflow_config(cfg: FedOpalConfig, uri: str | None, where: str) -> dict:
+    """NVFlare's MLflowReceiver settings: the experiment is the job's name; every run carries the fedopal version
+    and the job's identity as tags, the experiment the job's config as its note (settings only: nothing here is
+    derived from a site's data). uri None: NVFlare's default, an SQLite file in the job's result folder."""
+    note = "FedOPAL job config:\n\n```yaml\n" + yaml.safe_dump(job_dict(cfg), sort_keys=False) + "```"
+    tags = {"fedopal_version": fedopal.__version__, "fedopal_job": job_identity(job_dict(cfg)),
+            "method": cfg.train.method, "tracked_at": where}
+    config = {"kw_args": {"experiment_name": cfg.name, "run_name": where, "run_tags": tags,
+                          "experiment_tags": {"mlflow.note.content": note, **tags}}}
+    return config | ({"tracking_uri": uri} if uri else {})
+
+
+def add_tracking(recipe, cfg: FedOpalConfig) -> None:
+    """federation.tracking on the server (TensorBoard, MLflow or both) and, with federation.site_mlflow, an MLflow
+    at every site. What reaches any of them is what the site script tracks: the tags the job's wire policy allows
+    (SiteRuntime.track); the sites' own privacy.json enforcer removes more before anything leaves."""
+    from nvflare.recipe import add_experiment_tracking
+
+    fed = cfg.federation
+    if fed.tracking in ("tensorboard", "both"):
+        add_experiment_tracking(recipe, "tensorboard")
+    if fed.tracking in ("mlflow", "both"):
+        add_experiment_tracking(recipe, "mlflow", mlflow_config(cfg, fed.mlflow_uri, "server"))
+    if fed.site_mlflow:
+        add_experiment_tracking(recipe, "mlflow", mlflow_config(cfg, fed.site_mlflow_uri, "site"), client_side=True,
+                                server_side=False)
+
+
 def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] | None = None,
                  python: str = "python3", site_script: str = "", extra_files: tuple[str, ...] = (),
                  site_policy_only: bool = False):
@@ -109,7 +139,6 @@ def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] 
     site_policy_only: leave out the job's own wire-contract enforcer (the sites' privacy.json must protect alone)."""
     from nvflare.apis.job_def import JobMetaKey
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-    from nvflare.recipe import add_experiment_tracking
     from nvflare.recipe.utils import set_recipe_meta
 
     from fedopal.policy.enforcer import WireContractEnforcer
@@ -209,7 +238,7 @@ def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] 
         set_recipe_meta(recipe, JobMetaKey.RESOURCE_SPEC, resource_spec(cfg))
     # Between rounds, sites poll for the next task; FLARE's 2 s answer "try again later" cost ~2.5 s a round.
     recipe.add_server_config({"server": {"task_request_interval": cfg.federation.task_request_interval_s}})
-    add_experiment_tracking(recipe, "tensorboard")
+    add_tracking(recipe, cfg)
     recipe._job.to_server(WireRecorder(), id="fedopal_wire_recorder")  # as NVFlare's own helpers add components
     return recipe
 
