@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv wheel privacy-audit select-poc demo demo-seg demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d perf \
+.PHONY: .venv venv wheel privacy-audit select-poc demo demo-seg demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d perf stats \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc clean
 
@@ -61,6 +61,11 @@ prepare-seg: data/demo_federation_seg/federation.json
 
 demo: prepare
 	$(FEDOPAL) job --config app_configs/demo.yaml --simulate --workspace workspace --results results/demo
+
+# Federated statistics before the first job (docs/data.md): NVFlare's FedStatsRecipe over the demo sites' decoded
+# images, with NVFlare's privacy settings; the table, histograms and JSON in docs/results/stats/
+stats: prepare
+	$(FEDOPAL) stats --config app_configs/demo.yaml --workspace workspace --out docs/results/stats
 
 # What leaves a site under DP (docs/privacy.md "What leaves a site"): the demo federation with DP in update mode and
 # with DP-SGD, 2 rounds each; each run's wire audit is in results/privacy/<mode>/wire_fields.json (make docs copies it)

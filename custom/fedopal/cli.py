@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "site-policy": ("fedopal.policy.install", "site: install the site's privacy policy and allow-list in its kit"),
     "privacy": ("fedopal.policy.privacy", "site/ethics board: epsilon for given settings, or noise for an epsilon"),
     "job": ("fedopal.tools.job", "coordinator: export a job (no-code or code-shipping) or run it in the simulator"),
+    "stats": ("fedopal.tools.fedstats", "coordinator: federated data statistics (NVFlare) before the first job"),
     "select": ("fedopal.tools.select", "coordinator: run candidate methods on the consortium, choose on validation"),
     "prepare": ("fedopal.tools.prepare", "demo: build a federation from a MedMNIST .npz"),
     "bench": ("fedopal.tools.bench", "study: every method x seeds on one federation, tables and plots"),
