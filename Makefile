@@ -14,7 +14,7 @@ export FEDOPAL_HOME := $(CURDIR)
 
 .PHONY: .venv venv wheel privacy-audit select-poc demo demo-seg demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d perf stats \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
-	latejoin export poc clean
+	latejoin export poc poc-he clean
 
 .venv venv: $(STAMP)
 
@@ -89,6 +89,12 @@ demo-3d: prepare-3d
 # wait, download, per-site table, stop (always, even after a failure). Kept in workspace/poc/, on a free port.
 poc: prepare
 	$(PY) poc_setup/poc.py run jobs/fedopal_demo
+
+# Encrypted aggregation (federation.encryption he) against plain, on real POC runs: the demo job twice, each in a
+# POC provisioned with TenSEAL contexts (NVFlare's HEBuilder), the same seed; writes workspace/poc_he/results/he.md
+# (bytes per update, site encrypt/decrypt s, server s, accuracy per round). Cross-site evaluation off in both.
+poc-he: prepare
+	$(PY) poc_setup/he_compare.py --workspace workspace/poc_he --out workspace/poc_he/results
 
 # Choosing a method on the consortium's own validation data (README "Which method for my consortium?"): a POC of the
 # demo federation, three candidates x 2 rounds as real FLARE jobs, the table in docs/results/select/; always stops.
@@ -208,6 +214,8 @@ docs: $(STAMP)
 		results/demo_seg/summary.json results/demo_seg/wire_fields.json results/demo_seg/hc.md results/demo_seg/hc.json \
 		docs/results/demo_seg/)
 	[ ! -f workspace/poc/results/report.md ] || cp workspace/poc/results/report.md docs/results/poc/
+	[ ! -f workspace/poc_he/results/he.md ] || (mkdir -p docs/results/he && \
+		cp workspace/poc_he/results/he.md workspace/poc_he/results/he.json docs/results/he/)
 	[ ! -f results/latejoin/compare.md ] || (mkdir -p docs/results/latejoin/small_site && \
 		cp results/latejoin/compare.md docs/results/latejoin/ && \
 		cp results/latejoin/small_site/compare.md docs/results/latejoin/small_site/)

@@ -1,6 +1,6 @@
 """FedOPAL on a real FLARE deployment, on one machine (POC mode), and the site policy every hospital installs.
 
-    python poc_setup/poc.py prepare [--sites site-1 site-2 ... | -n N] [--port P] [--workspace DIR] [--home DIR]
+    python poc_setup/poc.py prepare [--sites site-1 site-2 ... | -n N] [--port P] [--workspace DIR] [--home DIR] [--he]
     python poc_setup/poc.py start                       # server + sites, FEDOPAL_HOME = this repository
     python poc_setup/poc.py submit jobs/fedopal_demo    # through the FLARE API; prints the job id
     python poc_setup/poc.py wait [JOB_ID]
@@ -73,8 +73,13 @@ def check_port_free(port: int) -> None:
                            "one is picked).") from None
 
 
-def poc_project(consortium: dict, sites: list[str], port: int) -> dict:
-    """The consortium's project, on one machine: server `server` on `port`, the given sites, the same admins."""
+HE_BUILDER = {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {}}  # NVFlare's defaults: CKKS, N 8192, [60, 40, 40]
+
+
+def poc_project(consortium: dict, sites: list[str], port: int, he: bool = False) -> dict:
+    """The consortium's project, on one machine: server `server` on `port`, the given sites, the same admins.
+    he: also NVFlare's HEBuilder (TenSEAL CKKS contexts in every kit, for federation.encryption he), placed before
+    the last builder (the signature builder) as `nvflare poc prepare --he` does, so the contexts are signed too."""
     participants = consortium.get("participants") or []
     hospitals = [p for p in participants if p.get("type") == "client"]
     admins = [p for p in participants if p.get("type") == "admin"]
@@ -87,7 +92,10 @@ def poc_project(consortium: dict, sites: list[str], port: int) -> dict:
     server = {**servers[0], "name": POC_SERVER_NAME, "fed_learn_port": port, "admin_port": port}
     # Site i joins the org of the i-th hospital, so org_admin and lead rights behave as in the consortium.
     clients = [{"name": s, "type": "client", "org": hospitals[i % len(hospitals)]["org"]} for i, s in enumerate(sites)]
-    return {**consortium, "participants": [server, *clients, *admins]}
+    builders = list(consortium.get("builders") or [])
+    if he and HE_BUILDER["path"] not in [b.get("path") for b in builders]:
+        builders.insert(max(len(builders) - 1, 0), dict(HE_BUILDER))
+    return {**consortium, "participants": [server, *clients, *admins], "builders": builders}
 
 
 def install_site_policy(kit_dir: str, policy: str | None = SITE_PRIVACY, deny_byoc: bool = False) -> None:
@@ -175,14 +183,14 @@ class Poc:
     # -- lifecycle ----------------------------------------------------------------------------
     @classmethod
     def prepare(cls, workspace: str, home: str, sites: list[str], port: int | None = None,
-                consortium: str = CONSORTIUM_PROJECT) -> "Poc":
+                consortium: str = CONSORTIUM_PROJECT, he: bool = False) -> "Poc":
         workspace, home = os.path.abspath(workspace), os.path.abspath(home)
         if os.path.isfile(os.path.join(workspace, STATE_FILE)):
             cls.load(workspace).stop()  # FLARE's prepare --force would delete the workspace of a running POC
         port = port or free_port()
         check_port_free(port)
         with open(consortium) as f:
-            project = poc_project(yaml.safe_load(f), sites, port)
+            project = poc_project(yaml.safe_load(f), sites, port, he)
         admin = next(a["name"] for a in project["participants"] if a.get("role") == "project_admin")
         os.makedirs(home, exist_ok=True)
         # The project file must live outside the workspace, which prepare deletes first.
@@ -360,7 +368,7 @@ def start_args(timeout_s: int, gpus: list[int] | None) -> list[str]:
 
 # -- CLI -------------------------------------------------------------------------------------------
 def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: str, timeout_s: float,
-        gpus: list[int] | None = None) -> int:
+        gpus: list[int] | None = None, he: bool = False) -> int:
     """prepare -> start -> submit -> wait -> download -> report -> stop, timing each stage; always stops."""
     from fedopal.tools.job import ProgressWatcher
 
@@ -378,7 +386,7 @@ def run(job_folder: str, workspace: str, home: str, sites: list[str], out_dir: s
     poc = None
     try:
         with stage("prepare"):
-            poc = Poc.prepare(workspace, home, sites)
+            poc = Poc.prepare(workspace, home, sites, he=he)
         with stage("start"):
             poc.start(gpus=gpus)
         with stage("submit"):
@@ -433,6 +441,8 @@ def main(argv=None) -> int:
     sp = sub.add_parser("prepare", parents=[common], help="provision the POC: sites, port, site privacy policy")
     site_args(sp)
     sp.add_argument("--port", type=int, help="server port (default: a free one)")
+    sp.add_argument("--he", action="store_true", help="also TenSEAL contexts in every kit (NVFlare's HEBuilder), "
+                                                      "for jobs with federation.encryption he")
     gpu_help = "GPU ids for the sites (nvflare poc start -gpu): dealt out in turn, site-1 the first"
     sp = sub.add_parser("start", parents=[common], help="start server and sites")
     sp.add_argument("--fedopal-home", default=REPO, help="FEDOPAL_HOME of the sites: relative data.root resolves "
@@ -456,6 +466,7 @@ def main(argv=None) -> int:
     sp.add_argument("--timeout", type=float, default=3600.0)
     sp.add_argument("--out", default=os.path.join(DEFAULT_ROOT, "results"), help="download folder")
     sp.add_argument("--gpus", type=int, nargs="+", help=gpu_help)
+    sp.add_argument("--he", action="store_true", help="provision TenSEAL contexts (HEBuilder) for an HE job")
     args = p.parse_args(argv)
 
     try:
@@ -463,10 +474,10 @@ def main(argv=None) -> int:
         if args.command in ("prepare", "run"):
             sites = args.sites or [f"site-{i + 1}" for i in range(args.num_sites)]
         if args.command == "prepare":
-            Poc.prepare(args.workspace, args.home, sites, args.port)
+            Poc.prepare(args.workspace, args.home, sites, args.port, he=args.he)
         elif args.command == "run":
             return run(os.path.abspath(args.job_folder), args.workspace, args.home, sites, args.out, args.timeout,
-                       args.gpus)
+                       args.gpus, he=args.he)
         else:
             poc = Poc.load(args.workspace)
             job_id = getattr(args, "job_id", None) or poc.state.last_job_id

@@ -113,7 +113,8 @@ def test_deny_byoc_alone_on_a_site_still_turns_log_streaming_off(kits):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"privacy": {"noise_multiplier": 1.0}},
-                                        {"federation": {"quantization": "float16", "cross_site_eval": True}}])
+                                        {"federation": {"quantization": "float16", "cross_site_eval": True}},
+                                        {"federation": {"encryption": "he"}, "privacy": {"noise_multiplier": 1.0}}])
 def test_every_class_a_fedopal_job_names_is_allowed(tmp_path, overrides):
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 

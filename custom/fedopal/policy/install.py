@@ -48,6 +48,11 @@ FEDOPAL_JOB_CLASSES = (
     "fedopal.server.recorder.WireRecorder",
     "fedopal.transfer.ServerDequantizer",
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+    "fedopal.he.HESiteEncryptor",  # federation.encryption he
+    "fedopal.he.HESiteDecryptor",
+    "fedopal.he.HESharedKeyAggregator",
+    "fedopal.he.HEGlobalUpdater",
+    "fedopal.he.WireSizeProbe",  # server, measuring jobs only (tools/he_compare.py)
 )
 # in NVFlare's default list, but it streams a site's log files to the server: outside the wire contract
 NOT_ALLOWED = ("nvflare.app_common.logging.job_log_streamer.JobLogStreamer",)

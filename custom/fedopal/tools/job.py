@@ -129,14 +129,15 @@ def add_tracking(recipe, cfg: FedOpalConfig) -> None:
 
 def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] | None = None,
                  python: str = "python3", site_script: str = "", extra_files: tuple[str, ...] = (),
-                 site_policy_only: bool = False):
+                 site_policy_only: bool = False, measure_wire: bool = False):
     """The job as an NVFlare recipe (run it in SimEnv, or export it).
 
     code: ship the fedopal modules the job imports in custom/ (rehearsal); False: configuration only.
     resume: (global checkpoint, its round): continue an aborted job from there (round counter included).
     python: the interpreter of a multi-process site's torchrun command (the exported job says python3).
     site_script, extra_files: tests only, a site script shipped in custom/ instead of fedopal's (a leaking one).
-    site_policy_only: leave out the job's own wire-contract enforcer (the sites' privacy.json must protect alone)."""
+    site_policy_only: leave out the job's own wire-contract enforcer (the sites' privacy.json must protect alone).
+    measure_wire: also the server's WireSizeProbe (each train result's serialized size; tools/he_compare.py)."""
     from nvflare.apis.job_def import JobMetaKey
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.recipe.utils import set_recipe_meta
@@ -191,20 +192,28 @@ def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] 
     warnings.filterwarnings("ignore", message=r"Potential secret value in (generated|exported) job file "
                                               r"'config_fed_server\.json'")
     # (the server config's only high-entropy values are the initial state and its SHA-256, which are not secrets)
-    recipe = FedOpalRecipe(
-        start_round=start_round,
-        initial_ckpt=resume[0] if resume else None,
-        name=cfg.name,
-        model={"class_path": "fedopal.server.global_model.GlobalStateModel",
-               "args": {"initial_state": encoded, "initial_state_sha256": sha256}},
-        min_clients=min_clients,
-        num_rounds=cfg.train.num_rounds - start_round,
-        train_script=SITE_SCRIPT,
-        aggregator=SharedKeyAggregator(expected=expected_spec(initial),
-                                       weighting=cfg.federation.weighting(cfg.privacy.enabled),
-                                       max_site_weight=cfg.federation.max_site_weight),
-        key_metric=f"personalized/val/{HEADLINE[cfg.data.task]}",
-    )
+    he = cfg.federation.encryption == "he"
+    if he and resume:
+        raise JobBuildError("federation.encryption he cannot resume: the server's checkpoint holds the global model "
+                            "encrypted. Fix: run the job again from the start.")
+    server_model = {"class_path": "fedopal.server.global_model.GlobalStateModel",
+                    "args": {"initial_state": encoded, "initial_state_sha256": sha256}}
+    if he:
+        recipe = he_recipe(cfg, executor, resources, server_model, min_clients, expected_spec(initial))
+    else:
+        recipe = FedOpalRecipe(
+            start_round=start_round,
+            initial_ckpt=resume[0] if resume else None,
+            name=cfg.name,
+            model=server_model,
+            min_clients=min_clients,
+            num_rounds=cfg.train.num_rounds - start_round,
+            train_script=SITE_SCRIPT,
+            aggregator=SharedKeyAggregator(expected=expected_spec(initial),
+                                           weighting=cfg.federation.weighting(cfg.privacy.enabled),
+                                           max_site_weight=cfg.federation.max_site_weight),
+            key_metric=f"personalized/val/{HEADLINE[cfg.data.task]}",
+        )
     if code:  # the server model is named by class path only, which NVFlare's exporter does not follow
         recipe.add_server_file("fedopal/server/global_model.py")
     else:
@@ -215,6 +224,14 @@ def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] 
         recipe.add_client_output_filter(DPUpdateFilter(clip_norm=privacy.clip_norm, noise_multiplier=update_noise(cfg),
                                                        delta=privacy.delta, accountant=privacy.accountant),
                                         tasks=["train"])
+    if he:
+        # encrypt last, after DP (the site clips and noises its update in the clear, then encrypts it); the job's
+        # wire-contract enforcer still sees the message after this (the tensor keys, now ciphertexts, and meta)
+        from fedopal.he import HESiteDecryptor, HESiteEncryptor
+
+        recipe.add_client_output_filter(HESiteEncryptor(
+            weigh_by_local_iter=cfg.federation.weighting(cfg.privacy.enabled) == "samples"), tasks=["train"])
+        recipe.add_client_input_filter(HESiteDecryptor(expected=expected_spec(initial)), tasks=["train"])
     if cfg.federation.quantization != "none":
         from fedopal.transfer import ServerDequantizer, SiteQuantizer
 
@@ -240,7 +257,57 @@ def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] 
     recipe.add_server_config({"server": {"task_request_interval": cfg.federation.task_request_interval_s}})
     add_tracking(recipe, cfg)
     recipe._job.to_server(WireRecorder(), id="fedopal_wire_recorder")  # as NVFlare's own helpers add components
+    if measure_wire:
+        from fedopal.he import WireSizeProbe
+
+        recipe._job.to_server(WireSizeProbe(), id="fedopal_wire_size_probe")
     return recipe
+
+
+def he_recipe(cfg: FedOpalConfig, executor, resources: list[str], server_model: dict, min_clients: int,
+              expected: dict):
+    """federation.encryption he: NVFlare's HE workflow (as FedAvgRecipeWithHE wires it: ScatterAndGather, the HE
+    shareable generator, the in-time HE aggregator, the persistor's HE serialization filter), with FedOPAL's server
+    model, site executor and the checking aggregator of fedopal.he. The site filters (encryptor after DP, decryptor)
+    are added by build_recipe. Needs provisioned TenSEAL contexts (HEBuilder): refuses the simulator."""
+    from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
+    from nvflare.app_opt.he.model_serialize_filter import HEModelSerializeFilter
+    from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+    from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
+    from nvflare.app_opt.pt.job_config.model import PTModel
+    from nvflare.recipe.spec import Recipe
+    from nvflare.recipe.utils import recipe_model_to_job_model
+
+    from fedopal.he import HEGlobalUpdater, HESharedKeyAggregator
+
+    class FedOpalHERecipe(Recipe):
+        def process_env(self, env):
+            from nvflare.recipe.sim_env import SimEnv
+
+            if isinstance(env, SimEnv):
+                raise JobBuildError("federation.encryption he does not run in the simulator: the TenSEAL contexts "
+                                    "come from provisioning (HEBuilder). Fix: run it in POC (make poc-he) or a "
+                                    "provisioned deployment, or set federation.encryption none.")
+            super().process_env(env)
+
+    job = BaseFedJob(name=cfg.name, min_clients=min_clients,
+                     key_metric=f"personalized/val/{HEADLINE[cfg.data.task]}")
+    model = recipe_model_to_job_model(server_model)
+    job.to_server(HEModelSerializeFilter(), id="model_serialize_filter")
+    persistor = PTFileModelPersistor(model=model, filter_id="model_serialize_filter")
+    job.comp_ids.update(job.to_server(PTModel(model=model, persistor=persistor)))
+    generator_id = job.to_server(HEGlobalUpdater(), id="shareable_generator")
+    aggregator_id = job.to_server(HESharedKeyAggregator(expected=expected,
+                                                        weighting=cfg.federation.weighting(cfg.privacy.enabled),
+                                                        max_site_weight=cfg.federation.max_site_weight),
+                                  id="aggregator")
+    partial = min_clients < cfg.federation.num_sites
+    job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=cfg.train.num_rounds,
+                                   wait_time_after_min_received=cfg.federation.straggler_wait_s if partial else 0,
+                                   aggregator_id=aggregator_id, persistor_id=job.comp_ids.get("persistor_id", ""),
+                                   shareable_generator_id=generator_id))
+    job.to_clients(SiteRunner(executor, resources))
+    return FedOpalHERecipe(job)
 
 
 def update_noise(cfg: FedOpalConfig) -> float:
