@@ -95,6 +95,25 @@ def _write_dicom_seg(labels: np.ndarray, source: str, class_names: list[str], pa
     return path
 
 
+def grid_affine(source: str, back) -> np.ndarray | None:
+    """The affine a mask of `source` is written with: the inverted prediction's (the file's own grid), or None for
+    PNG, JPEG and NPY inputs, which carry no geometry."""
+    return None if format_of(source) in ("png", "jpeg", "npy") else np.asarray(back.affine)
+
+
+def write_mask(labels: np.ndarray, source: str, affine, out_dir: str, class_names: list[str], used: set) -> str:
+    """The label map of `source` (on its grid) under `out_dir`, in the input's kind of file (the module docstring);
+    `used` holds the names already written in this folder. Returns the path written (DICOM: the SEG)."""
+    name = _out_name(source, used)
+    fmt = format_of(source)
+    if fmt in ("png", "jpeg") and labels.ndim == 2:
+        return _write_png(labels, os.path.join(out_dir, name + ".png"))
+    written = _write_nifti(labels, affine, os.path.join(out_dir, name + ".nii.gz"))
+    if fmt == "dicom":
+        written = _write_dicom_seg(labels, source, class_names, os.path.join(out_dir, name + ".seg.dcm"))
+    return written
+
+
 def _volume_per_voxel(affine) -> float | None:
     if affine is None:
         return None
@@ -130,15 +149,8 @@ def predict_masks(model: torch.nn.Module, cfg, samples: list[Sample], out_dir: s
         pred.applied_operations = list(image.applied_operations)
         back = invert({"pred": pred, "image": image})["pred"]
         labels = back.argmax(dim=0).numpy().astype(np.uint8)
-        affine = None if format_of(s.path) in ("png", "jpeg", "npy") else np.asarray(back.affine)
-        name = _out_name(s.path, used)
-        fmt = format_of(s.path)
-        if fmt in ("png", "jpeg") and labels.ndim == 2:
-            written = _write_png(labels, os.path.join(out_dir, name + ".png"))
-        else:
-            written = _write_nifti(labels, affine, os.path.join(out_dir, name + ".nii.gz"))
-            if fmt == "dicom":
-                written = _write_dicom_seg(labels, s.path, names, os.path.join(out_dir, name + ".seg.dcm"))
+        affine = grid_affine(s.path, back)
+        written = write_mask(labels, s.path, affine, out_dir, names, used)
         row = {"path": s.path, "mask_written": written}
         if s.split:
             row["split"] = s.split
