@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell (cat requirements.txt pyproject.toml; echo '$(TORCH)') | sha1sum | cut -c1-12)
 export FEDOPAL_HOME := $(CURDIR)
 
-.PHONY: .venv venv wheel privacy-audit select-poc demo demo-seg demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d perf stats \
+.PHONY: .venv venv wheel privacy-audit select-poc demo demo-seg demo-3d test test-fast prepare prepare-3d prepare-seg prepare-bench bench bench-dev bench-quick bench-3d bench-seg perf stats \
 	gpu-check gpu-wheels wheelhouse docs console-transcript \
 	latejoin export poc poc-he clean
 
@@ -136,6 +136,11 @@ bench-quick: prepare
 
 bench-3d: prepare-3d
 	$(FEDOPAL) bench --config app_configs/bench_3d.yaml
+
+# Segmentation (docs/results.md "Segmentation benchmark"): every method x 3 seeds on the HC18 federation at 48x48,
+# 3 rounds, one lr (about 40 min of a 2-core CPU); finished runs in docs/bench/seg/runs are reused
+bench-seg: prepare-seg
+	$(FEDOPAL) bench --config app_configs/bench_seg.yaml
 
 # what FLARE adds on top of the compute (README "Performance")
 perf: prepare

@@ -46,7 +46,8 @@ def run_flavor(config: str, overrides: dict, flavor: str, root: str, sites: list
     cfg = cfg.model_copy(update={"name": f"{cfg.name}_{flavor}"})
     job = export_job(cfg, os.path.join(root, "jobs"), "no-code", measure_wire=True)
     ws, out = os.path.join(root, flavor, "nvflare_poc"), os.path.join(root, flavor, "results")
-    poc.run(job, ws, os.path.join(root, flavor, "home"), sites, out, timeout_s, he=True)
+    if sites:  # None: measure the runs already in the workspace again
+        poc.run(job, ws, os.path.join(root, flavor, "home"), sites, out, timeout_s, he=True)
     state = poc.Poc.load(ws)
     return {"job": job, "cfg": cfg, "prod_dir": state.prod_dir, "job_id": state.state.last_job_id,
             "server_app": os.path.join(out, state.state.last_job_id, "workspace", "app_server")}
@@ -61,7 +62,7 @@ def measure(run: dict) -> dict:
     def at(r):
         return rounds.setdefault(r, {"message_bytes": [], "encrypt_s": [], "decrypt_s": [], "accept_s": 0.0,
                                      "aggregate_s": 0.0, "update_s": 0.0, HEADLINE: [], GLOBAL_ONLY: [],
-                                     "received_norm": []})
+                                     "received_norm": [], "started_at": [], "finished_at": []})
 
     for e in read_jsonl(os.path.join(run["server_app"], "fedopal_wire_bytes.jsonl")):
         at(e["round"])["message_bytes"].append(e["message_bytes"])
@@ -73,7 +74,7 @@ def measure(run: dict) -> dict:
             at(e["round"])[f"{e['op']}_s"].append(e["seconds"])
     for site, records in collect_site_records(run["prod_dir"]).items():
         for r in records:
-            for k in (HEADLINE, GLOBAL_ONLY, "received_norm"):
+            for k in (HEADLINE, GLOBAL_ONLY, "received_norm", "started_at", "finished_at"):
                 if isinstance(r.get(k), (int, float)):
                     at(r["round"])[k].append(r[k])
     out = {}
@@ -82,7 +83,8 @@ def measure(run: dict) -> dict:
         out[r] = {"message_bytes": mean(v["message_bytes"]), "encrypt_s": mean(v["encrypt_s"]),
                   "decrypt_s": mean(v["decrypt_s"]), "server_s": v["accept_s"] + v["aggregate_s"] + v["update_s"],
                   "bal_acc": mean(v[HEADLINE]), "bal_acc_global_only": mean(v[GLOBAL_ONLY]),
-                  "received_norm": mean(v["received_norm"]), "sites": len(v[HEADLINE])}
+                  "received_norm": mean(v["received_norm"]), "sites": len(v[HEADLINE]),
+                  "round_s": max(v["finished_at"]) - min(v["started_at"]) if v["started_at"] else None}
     return out
 
 
@@ -98,11 +100,13 @@ def markdown(result: dict) -> str:
              "Bytes: one site update as FLARE serializes it for the network. Server: seconds the server spent "
              "accepting the round's updates, averaging them and (HE) adding the encrypted mean to the encrypted "
              "global model. Balanced accuracy: the sites' personalized models on their test splits (the headline) "
-             "and the global adapter alone.",
+             "and the global adapter alone. Global norm: the L2 norm of the global tensors each site received "
+             "(decrypted, under HE) at the start of the round. Round s: first site start to last site end.",
              "",
              "| round | bytes / update plain | bytes / update HE | × | site encrypt s | site decrypt s | server s plain "
-             "| server s HE | bal. acc. plain | bal. acc. HE | Δ | global-only plain | global-only HE | Δ |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| server s HE | round s plain | round s HE | global norm plain | global norm HE | bal. acc. plain "
+             "| bal. acc. HE | Δ | global-only plain | global-only HE | Δ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(set(plain) | set(he), key=int):
         p, h = plain.get(r, {}), he.get(r, {})
         pb, hb = p.get("message_bytes"), h.get("message_bytes")
@@ -110,13 +114,15 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r} | {f(pb, ',.0f')} | {f(hb, ',.0f')} | {f(hb / pb if pb and hb else None, '.0f')} | "
             f"{f(h.get('encrypt_s'), '.2f')} | {f(h.get('decrypt_s'), '.2f')} | {f(p.get('server_s'), '.3f')} | "
-            f"{f(h.get('server_s'), '.3f')} | {f(p.get('bal_acc'), '.4f')} | {f(h.get('bal_acc'), '.4f')} | "
+            f"{f(h.get('server_s'), '.3f')} | {f(p.get('round_s'), '.1f')} | {f(h.get('round_s'), '.1f')} | "
+            f"{f(p.get('received_norm'), '.7f')} | {f(h.get('received_norm'), '.7f')} | {f(p.get('bal_acc'), '.4f')} | {f(h.get('bal_acc'), '.4f')} | "
             f"{f(d('bal_acc'), '+.4f')} | {f(p.get('bal_acc_global_only'), '.4f')} | "
             f"{f(h.get('bal_acc_global_only'), '.4f')} | {f(d('bal_acc_global_only'), '+.4f')} |")
     lines += ["", f"Final round mean balanced accuracy: plain {f(result['final']['plain'], '.4f')}, HE "
                   f"{f(result['final']['he'], '.4f')} (difference {f(result['final']['difference'], '+.4f')}). "
                   f"Site decrypt runs from round 2 (round 1's global model is the job's initial, unencrypted). "
-                  f"POC wall time: plain {result['plain']['wait_s']:.0f} s, HE {result['he']['wait_s']:.0f} s."]
+                  f"Rounds 1 to {result['rounds']} took plain {result['plain']['wall_s']:.0f} s, HE "
+                  f"{result['he']['wall_s']:.0f} s (first site start to last site end)."]
     return "\n".join(lines)
 
 
@@ -129,12 +135,14 @@ def main(argv=None) -> int:
     p.add_argument("--workspace", default=os.path.join(REPO, "workspace", "poc_he"))
     p.add_argument("--out", default=os.path.join(REPO, "workspace", "poc_he", "results"))
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--measure-only", action="store_true", help="no new runs: measure the ones in --workspace again")
     args = p.parse_args(argv)
     os.environ.setdefault("FEDOPAL_HOME", REPO)
     overrides = parse_overrides(args.set)
     runs = {}
     for flavor in FLAVORS:
         runs[flavor] = run_flavor(args.config, overrides, flavor, os.path.abspath(args.workspace),
+                                  None if args.measure_only else
                                   [f"site-{i + 1}" for i in range(_num_sites(args.config, overrides))],
                                   args.timeout)
     cfg = runs["he"]["cfg"]
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
     for flavor, run in runs.items():
         rounds = measure(run)
         result[flavor] = {"rounds": {str(k): v for k, v in rounds.items()}, "job_id": run["job_id"],
-                          "wait_s": _wait_s(run)}
+                          "wall_s": sum(v["round_s"] or 0.0 for v in rounds.values())}
     last = str(cfg.train.num_rounds)
     fin = {f: result[f]["rounds"].get(last, {}).get("bal_acc") for f in FLAVORS}
     fin["difference"] = fin["he"] - fin["plain"] if None not in fin.values() else None
@@ -164,17 +172,6 @@ def _num_sites(config: str, overrides: dict) -> int:
     from fedopal.config import load_config
 
     return load_config(config, overrides).federation.num_sites
-
-
-def _wait_s(run: dict) -> float:
-    """The job's run time from the server's job meta in the download (FLARE's duration, H:MM:SS.ffffff)."""
-    meta = os.path.join(os.path.dirname(run["server_app"]), "meta.json")
-    try:
-        with open(meta) as f:
-            hours, minutes, seconds = json.load(f).get("duration", "0:0:0").split(":")
-        return 3600 * int(hours) + 60 * int(minutes) + float(seconds)
-    except (OSError, ValueError):
-        return float("nan")
 
 
 if __name__ == "__main__":

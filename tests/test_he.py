@@ -201,3 +201,22 @@ def test_the_simulator_is_refused_and_the_poc_gets_he_contexts(tmp_path):
         project = poc.poc_project(yaml.safe_load(f), ["site-1", "site-2"], 41235, he=True)
     paths = [b["path"] for b in project["builders"]]
     assert paths[-2:] == ["nvflare.lighter.impl.he.HEBuilder", "nvflare.lighter.impl.signature.SignatureBuilder"]
+
+
+def test_dp_runs_before_the_encryptor_and_the_enforcer_after(tmp_path):
+    import json
+
+    from fedopal.tools.job import export_job
+
+    cfg = config_from_dict({**tiny_config().model_dump(mode="json"),
+                            "federation": {"num_sites": 2, "encryption": "he"}, "privacy": {"noise_multiplier": 1.0}})
+    job = export_job(cfg, str(tmp_path))
+    with open(os.path.join(job, "app", "config", "config_fed_client.json")) as f:
+        client = json.load(f)
+    result_filters = [flt["path"] for chain in client["task_result_filters"] if "train" in chain["tasks"]
+                      for flt in chain["filters"]]
+    assert result_filters == ["fedopal.policy.privacy.DPUpdateFilter", "fedopal.he.HESiteEncryptor"]
+    data_filters = [flt["path"] for chain in client["task_data_filters"] for flt in chain["filters"]]
+    assert data_filters == ["fedopal.he.HESiteDecryptor"]
+    # the wire contract's enforcer is a component: it acts on AFTER_TASK_RESULT_FILTER, after every filter
+    assert "fedopal.policy.enforcer.WireContractEnforcer" in [c["path"] for c in client["components"]]
