@@ -298,12 +298,30 @@ class FederationConfig(_Section):
         "none", description="compress what a site sends with NVFlare's ModelQuantizer (site) and ModelDequantizer "
                             "(server): float16 halves the bytes, blockwise8 quarters them, float4/normfloat4 about an "
                             "eighth; the server keeps and saves the global model in float32")
+    encryption: Literal["none", "he"] = Field(
+        "none", description="he: homomorphic encryption of the shared update (NVFlare's HE filters, TenSEAL CKKS): "
+                            "the server sums encrypted updates and never sees one site's update in the clear (the "
+                            "aggregate it can still see, decrypted by the sites: DP protects that); needs the "
+                            "TenSEAL contexts of provisioning (HEBuilder), so POC or a real deployment, not the "
+                            "simulator (docs/tools.md, 'Encrypted aggregation')")
     cross_site_eval: bool = Field(
         False, description="after training, NVFlare's cross-site evaluation: the final global model on every site's "
                            "test split, each site's personalized model on its own (summary.json: cross_site)")
     straggler_wait_s: int = Field(600, ge=0, description="with min_clients < num_sites: seconds a round waits for the "
                                                          "other sites after min_clients answered")
     site_names: Optional[list[str]] = Field(None, description="default: site-1 .. site-N")
+    tracking: Literal["tensorboard", "mlflow", "both"] = Field(
+        "tensorboard", description="experiment tracking on the server (NVFlare's receivers): TensorBoard event files "
+                                   "(tb_events/<site>), MLflow runs (one per site; the job's config and the fedopal "
+                                   "version on each), or both; a site streams only the tags its wire policy allows")
+    mlflow_uri: Optional[str] = Field(
+        None, description="the server's MLflow tracking URI (e.g. http://mlflow.consortium:5000); default: an SQLite "
+                          "file, mlflow.db, in the job's result folder on the server")
+    site_mlflow: bool = Field(
+        False, description="also an MLflow of each site's own (NVFlare's client-side receiver): the site's tracked "
+                           "tags, in an SQLite file in the site's own job result folder, or site_mlflow_uri")
+    site_mlflow_uri: Optional[str] = Field(None, description="with site_mlflow: every site's tracking URI "
+                                                             "(default: its own SQLite file)")
     gpu_mem_gib: float = Field(0, ge=0, description="with train.device cuda: GPU memory (GiB) each site's GPU must "
                                                     "offer for FLARE to schedule the job (resource_spec)")
     aggregation_weights: Optional[Literal["samples", "equal"]] = Field(
@@ -340,6 +358,14 @@ class FederationConfig(_Section):
         if self.min_clients is not None and self.min_clients > self.num_sites:
             raise ValueError(f"federation.min_clients {self.min_clients} is more than the {self.num_sites} sites; "
                              "lower it or add sites")
+        if self.encryption == "he" and self.quantization != "none":
+            raise ValueError(f"federation.encryption he with quantization {self.quantization}: CKKS encrypts float "
+                             "values (the server then sums ciphertexts), so there is nothing to quantize, and a "
+                             "quantized update cannot be encrypted by NVFlare's HE filter; set quantization: none")
+        if self.encryption == "he" and self.cross_site_eval:
+            raise ValueError("federation.encryption he with cross_site_eval: the server holds the global model "
+                             "encrypted and cannot hand it to NVFlare's cross-site evaluation; set cross_site_eval: "
+                             "false (each site still reports its global-only metrics every round)")
         return self
 
     def sites(self) -> list[str]:

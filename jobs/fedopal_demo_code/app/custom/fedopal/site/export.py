@@ -287,7 +287,7 @@ class SiteExporter:
 class MergedModel(nn.Module):
     """The merged export rebuilt without peft: the backbone family's plain network + the head."""
 
-    def __init__(self, backbone, head: nn.Linear):
+    def __init__(self, backbone, head: nn.Module):
         super().__init__()
         self.backbone = backbone.module
         self.head = head
@@ -387,7 +387,8 @@ def load_exported(folder: str, merged: bool = False, overrides: dict | None = No
         tensors = read_tensors(folder, MERGED, manifest)
         torch.manual_seed(cfg.train.seed)
         backbone = build_backbone(plain_cfg)
-        head = nn.Linear(backbone.feature_dim, cfg.data.num_classes)
+        head = backbone.decoder if backbone.decoder is not None else nn.Linear(backbone.feature_dim,
+                                                                                cfg.data.num_classes)
         model = MergedModel(backbone, head)
         _check_fits(os.path.join(folder, MERGED), model.state_dict(), tensors)
         model.load_state_dict(tensors)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -38,6 +39,7 @@ from fedopal.specs.contract import DP_META_KEY, NUM_SAMPLES_KEY, WIRE_BYTES_KEY
 from fedopal.specs.methods import NOTHING_SHARED_KEY
 
 UPDATES_LOG = "fedopal_updates.jsonl"
+AGGREGATION_LOG = "fedopal_aggregation.jsonl"  # per round: seconds spent accepting and averaging (fedopal.he: same)
 WEIGHTINGS = ("samples", "equal")
 
 
@@ -96,8 +98,11 @@ class SharedKeyAggregator(ModelAggregator):
         self._metric_sums: dict[str, float] = {}
         self._accepted: list[str] = []
         self._params_type: Optional[ParamsType] = None
+        self._accept_s = 0.0
+        self._round = None
 
     def accept_model(self, model: FLModel):
+        t0 = time.perf_counter()
         meta = model.meta or {}
         site = meta.get("client_name", "unknown")
         weight = self.weight_of(meta)
@@ -119,8 +124,11 @@ class SharedKeyAggregator(ModelAggregator):
         self._total_weight += w
         self._accepted.append(site)
         self._params_type = params_type
+        self._accept_s += time.perf_counter() - t0
+        self._round = model.current_round
 
     def aggregate_model(self) -> FLModel:
+        t0 = time.perf_counter()
         if not self._accepted:
             self.warning("no update accepted this round: the global model is kept as it was")
             return FLModel(params_type=ParamsType.DIFF, params={}, metrics={})
@@ -128,7 +136,17 @@ class SharedKeyAggregator(ModelAggregator):
         metrics = {k: v / self._total_weight for k, v in self._metric_sums.items()}
         self.info(f"aggregated {len(params)} shared tensors ({self._params_type}) from {self._accepted}, "
                   f"{self.weighting} weights")
+        self._log_times(time.perf_counter() - t0)
         return FLModel(params_type=self._params_type, params=params, metrics=metrics)
+
+    def _log_times(self, aggregate_s: float) -> None:
+        app_root = self.fl_ctx.get_prop(FLContextKey.APP_ROOT) if self.fl_ctx else None
+        if app_root:
+            with open(os.path.join(app_root, AGGREGATION_LOG), "a") as f:
+                f.write(json.dumps({"round": self._round + 1 if isinstance(self._round, int) else None,
+                                    "encrypted": False,
+                                    "sites": list(self._accepted), "accept_s": self._accept_s,
+                                    "aggregate_s": aggregate_s}) + "\n")
 
     def _record(self, site, round_num, params: dict, weight, reason: Optional[str], meta: dict,
                 params_type: ParamsType) -> None:

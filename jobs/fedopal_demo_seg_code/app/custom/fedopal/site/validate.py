@@ -295,7 +295,12 @@ def grouped_notes(notes: list[str], site: str) -> list[str]:
 
 def far_sites(checks: list[SiteCheck]) -> dict[str, str]:
     """site -> why its decoded intensities are far from the other sites' (needs two sites with files)."""
-    have = [c.intensity | {"site": c.site} for c in checks if c.intensity]
+    return far_from_others([c.intensity | {"site": c.site} for c in checks if c.intensity])
+
+
+def far_from_others(have: list[dict], mean_name: str = "median intensity") -> dict[str, str]:
+    """site -> why it is far, from each site's {"site", "mean", "used"}: its typical intensity (`mean_name` says
+    which) and the part of [0, 1] it uses. fedopal stats calls it on what NVFlare's federated statistics bring back."""
     if len(have) < 2:
         return {}
     # the federation's median site: with two sites both are flagged when they differ (which one is off, a person says)
@@ -305,7 +310,7 @@ def far_sites(checks: list[SiteCheck]) -> dict[str, str]:
     for mine in have:
         why = []
         if abs(mine["mean"] - mean) > FAR_MEAN:
-            why.append(f"median intensity {mine['mean']:.2f} vs {mean:.2f} for the federation's median site")
+            why.append(f"{mean_name} {mine['mean']:.2f} vs {mean:.2f} for the federation's median site")
         if used > 0 and mine["used"] < FAR_RANGE * used:
             why.append(f"uses {100 * mine['used']:.0f}% of [0, 1] vs {100 * used:.0f}% for the federation's median "
                        "site")
