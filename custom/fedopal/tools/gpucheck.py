@@ -9,10 +9,16 @@
     fedopal_r: images/s, the ratio (b)/(a) (target >= 0.9), and peak GPU memory; and (b) again on peft's own
     forward (model.fused_adapters: false), the fused path's gain (README, Performance);
 (c) a 2-site, 2-round FLARE simulator job on the GPU (ViT-B/16 at 224² on the bundled PneumoniaMNIST), with the
-    device line each site logged.
+    device line each site logged;
+(d) 3D segmentation: MONAI UNETR (ViT-B encoder, hidden 768, feature size 16) and SwinUNETR (feature size 48, depths
+    2-2-2-2) on 96³ patches, batch 4, fedopal_w, LoRA r=8 on the encoder, the decoder the trained head, bf16 autocast:
+    (a) a bare MONAI + peft loop (perf.bare_seg_steps: the same network and initial weights, peft's two adapters on
+    the same modules, monai DiceCELoss, AdamW) vs (b) the site loop, in voxels/s (target (b)/(a) >= 0.9, counted in
+    min_ratio) and peak GPU memory. Smoke: UNETR with a tiny ViT at 16³, batch 2 (fp32 on a CPU).
 Prints a table and writes <out>/summary.json. The weights are random-init (a transformers ViTConfig, i.e. ViT-B/16,
 written to a temp folder) unless --hf-model names a local folder (from_pretrained). The images of (a) and (b) are
-random tensors held in memory, so the two loops are measured on compute alone; (c) reads real files.
+random tensors held in memory, so the two loops are measured on compute alone; (c) reads real files; (d)'s volumes
+are random tensors with a random ball as the mask, its networks random-init.
 
 On a CUDA machine without the pinned packages and without network (the H200 used for checks has Python 3.12 and
 torch, but not nvflare, monai, nibabel, pydantic, pyhocon or cryptography): run `make gpu-wheels` on a machine with
@@ -37,12 +43,22 @@ from fedopal.model.adapters import build_model
 from fedopal.config import config_with_overrides
 from fedopal.site.device import describe, resolve_device
 from fedopal.specs.methods import get_method
-from fedopal.tools.perf import bare_steps, site_steps
+from fedopal.tools.perf import bare_seg_net, bare_seg_steps, bare_steps, site_steps
 
 METHODS = ("fedavg_lora", "dual_lora", "fedopal_w", "fedopal_r")
 TARGET_RATIO = 0.9
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
             "image_size": 32, "patch_size": 8}
+# (d): the networks of 3D segmentation, as published (UNETR: Hatamizadeh et al., WACV 2022, ViT-B; SwinUNETR:
+# Hatamizadeh et al., BrainLes 2021), and the smoke run's tiny UNETR (MONAI's UNETR always has 12 blocks)
+SEG3D_MODELS = {"unetr": {"model.vit": {"hidden_size": 768, "mlp_dim": 3072, "num_heads": 12},
+                          "model.decoder_channels": 16},
+                "swin_unetr": {"model.swin": {"feature_size": 48, "depths": [2, 2, 2, 2],
+                                              "num_heads": [3, 6, 12, 24]}}}
+SEG3D_SMOKE = {"unetr": {"model.vit": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 3},
+                         "model.decoder_channels": 8},
+               "swin_unetr": {"model.swin": {"feature_size": 12, "depths": [1, 1, 1, 1]}}}  # needs 64³: not run
+SEG3D_SMOKE_RUN = ["unetr"]  # SwinUNETR's smallest input (64³) takes a minute on a CPU
 
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -59,6 +75,88 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"image": self.images[index], "label": self.labels[index]}
+
+
+class SyntheticVolumes(torch.utils.data.Dataset):
+    """`n` random single-channel volumes of `size`³ held in memory, each with a random ball as its foreground mask:
+    the data of (d), as SiteTrainer reads a segmentation split (image, mask, label 0)."""
+
+    def __init__(self, n: int, size: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 1, size, size, size, generator=gen)
+        axis = torch.arange(size, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"))
+        centres = size * (0.3 + 0.4 * torch.rand(n, 3, generator=gen))
+        radii = size * (0.1 + 0.2 * torch.rand(n, generator=gen))
+        self.masks = torch.stack([((grid - c.view(3, 1, 1, 1)).pow(2).sum(0) <= r ** 2).float()[None]
+                                  for c, r in zip(centres, radii)])
+        self.data = [{"label": 0} for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "mask": self.masks[index], "label": 0}
+
+
+def seg3d_config(backbone: str, size: int, batch: int, device: str, precision: str, smoke: bool):
+    raw = {"name": "gpucheck_seg3d",
+           "data": {"task": "segmentation", "spatial_dims": 3, "image_size": size, "in_channels": 1,
+                    "class_names": ["background", "foreground"], "batch_size": batch, "augment": False},
+           "model": {"backbone": backbone, "pretrained": False, "lora_rank": 8, "lora_alpha": 16, "head": "personal"},
+           "train": {"method": "fedopal_w", "device": device, "precision": precision, "lr": 1e-4, "orth_lambda": 0.1}}
+    return config_with_overrides(raw, (SEG3D_SMOKE if smoke else SEG3D_MODELS)[backbone], source="gpucheck")
+
+
+def measure_seg(loop, cfg, data: SyntheticVolumes, steps: int, device: torch.device) -> dict:
+    """(d) one loop on a freshly built network: images/s and peak GPU memory (GiB; None on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if loop is bare_seg_steps:
+        net = bare_seg_net(cfg)
+        rate = bare_seg_steps(net, data, cfg, steps, device)
+    else:
+        net = build_model(cfg, get_method(cfg.train.method, cfg.model.head), site_name="site-1")
+        rate = site_steps(net, {"train": data}, cfg, steps, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del net
+    return {"img_per_s": rate, "peak_gib": round(peak, 1) if peak is not None else None}
+
+
+def seg3d_loops(backbones: list[str], size: int, batch: int, steps: int, device: torch.device, precision: str,
+                smoke: bool) -> dict:
+    """(d): (a) the bare MONAI + peft loop and (b) the site loop for each network, alternating which runs first."""
+    data = SyntheticVolumes(batch * 2, size)
+    voxels = size ** 3
+    results: dict = {}
+    for i, backbone in enumerate(backbones):
+        cfg = seg3d_config(backbone, size, batch, str(device), precision, smoke)
+        order = (bare_seg_steps, site_steps) if i % 2 == 0 else (site_steps, bare_seg_steps)
+        got = {loop.__name__: measure_seg(loop, cfg, data, steps, device) for loop in order}
+        bare, site = got["bare_seg_steps"], got["site_steps"]
+        row = {"patch": f"{size}³", "batch": batch,
+               "bare_voxels_per_s": round(bare["img_per_s"] * voxels),
+               "site_voxels_per_s": round(site["img_per_s"] * voxels),
+               "bare_img_per_s": round(bare["img_per_s"], 3), "site_img_per_s": round(site["img_per_s"], 3),
+               "ratio": round(site["img_per_s"] / bare["img_per_s"], 3),
+               "bare_peak_gib": bare["peak_gib"], "site_peak_gib": site["peak_gib"]}
+        results[backbone] = row
+        print(f"  {backbone:<10} {row['patch']} batch {batch}: bare {row['bare_voxels_per_s'] / 1e6:,.2f} Mvox/s, site "
+              f"{row['site_voxels_per_s'] / 1e6:,.2f} Mvox/s, ratio {row['ratio']:.3f}, peak {row['bare_peak_gib']} / "
+              f"{row['site_peak_gib']} GiB", flush=True)
+    return results
+
+
+def seg3d_table(results: dict) -> str:
+    lines = ["| network | patch | batch | (a) bare Mvoxels/s | (b) site Mvoxels/s | (b)/(a) | peak GiB (a) | "
+             "peak GiB (b) |", "|---|---|---|---|---|---|---|---|"]
+    for backbone, r in results.items():
+        mark = "" if r["ratio"] >= TARGET_RATIO else " (below 0.9)"
+        lines.append(f"| {backbone} | {r['patch']} | {r['batch']} | {r['bare_voxels_per_s'] / 1e6:,.2f} | "
+                     f"{r['site_voxels_per_s'] / 1e6:,.2f} | {r['ratio']:.3f}{mark} | {r['bare_peak_gib'] or 'n/a'} | "
+                     f"{r['site_peak_gib'] or 'n/a'} |")
+    return "\n".join(lines)
 
 
 def vit_folder(hf_model: str | None, smoke: bool, tmp: str) -> tuple[str, bool]:
@@ -175,6 +273,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default cuda (smoke: auto)")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--skip-simulator", action="store_true", help="leave out (c)")
+    p.add_argument("--seg3d", nargs="*", choices=sorted(SEG3D_MODELS), default=None,
+                   help="(d)'s networks (default unetr swin_unetr; smoke: unetr); none: leave out (d)")
+    p.add_argument("--seg3d-size", type=int, default=None, help="(d)'s patch edge (default 96; smoke 16)")
+    p.add_argument("--seg3d-batch", type=int, default=None, help="(d)'s batch (default 4; smoke 2)")
     p.add_argument("--out", default="results/gpu")
     args = p.parse_args(argv)
     os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
@@ -197,12 +299,25 @@ def main(argv=None) -> int:
             print("(c) 2 sites x 2 rounds in the FLARE simulator:", flush=True)
             summary["simulator"] = simulator_job(folder, pretrained, image_size, device, args.precision,
                                                  args.smoke, os.path.join(tmp, "work"))
+    seg_nets = args.seg3d if args.seg3d is not None else (SEG3D_SMOKE_RUN if args.smoke else list(SEG3D_MODELS))
+    if seg_nets:
+        size = args.seg3d_size or (16 if args.smoke else 96)
+        batch = args.seg3d_batch or (2 if args.smoke else 4)
+        # the CPU has no fast bf16 3D convolution (4x slower than fp32 at 16³): the smoke run's (d) is fp32 there
+        precision = "fp32" if args.smoke and device.type == "cpu" else args.precision
+        summary["seg3d_model"] = (f"3D segmentation at {size}³, batch {batch}, fedopal_w, LoRA r=8 on the encoder, "
+                                  f"decoder trained, DiceCE, {precision}" + (" (tiny UNETR)" if args.smoke else ""))
+        print(f"(d) {summary['seg3d_model']}: bare MONAI + peft loop vs site loop:", flush=True)
+        summary["seg3d"] = seg3d_loops(seg_nets, size, batch, steps, device, precision, args.smoke)
     ratios = [r["ratio"] for by_batch in summary["loops"].values() for r in by_batch.values()]
+    ratios += [r["ratio"] for r in summary.get("seg3d", {}).values()]
     summary["min_ratio"] = min(ratios)
     summary["target_met"] = summary["min_ratio"] >= TARGET_RATIO
     summary["wall_s"] = round(time.time() - start, 1)
     summary["fedopal_version"] = fedopal.__version__
     print("\n" + table(summary["loops"]))
+    if summary.get("seg3d"):
+        print("\n" + seg3d_table(summary["seg3d"]))
     print(f"\nlowest (b)/(a): {summary['min_ratio']:.3f} (target >= {TARGET_RATIO}: "
           f"{'met' if summary['target_met'] else 'missed'}); wall time {summary['wall_s']:.0f} s")
     os.makedirs(args.out, exist_ok=True)

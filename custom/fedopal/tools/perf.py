@@ -11,6 +11,14 @@
 (d) peak_rss_mb of a site process in the simulator, against bare_peak_rss_mb of the bare loop in its own process.
 (e) scaling: 2, 4, 8, 16 simulated sites sharing a fixed total amount of data: seconds per round.
 Prints a table and writes results/perf/summary.json. Nothing here is a test: the numbers are for reading.
+
+    fedopal perf --config app_configs/demo_seg.yaml      # a segmentation config (data.task: segmentation)
+
+(s) seg_loop_ratio: images/s of the site loop (SiteTrainer, DiceCE) on the config's site-1 / a bare MONAI + peft loop
+    (the same MONAI network, built with the same arguments and seed; peft LoRA `global` + `personal` on the same
+    encoder modules, both active; the decoder trained; monai DiceCELoss + the spec's orthogonality; AdamW) on the
+    same batches, each loop in its own process (its peak RSS its own), best of 5 interleaved runs. Writes
+    results/perf/summary_seg.json (the classification parts do not apply to a segmentation config).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -31,7 +40,7 @@ import torch.nn.functional as F
 import fedopal
 from fedopal.model.adapters import build_model, nbytes
 from fedopal.config import FedOpalConfig, config_from_dict, load_config
-from fedopal.site.data import build_datasets, loader, site_manifest_path
+from fedopal.site.data import batch_sizes, build_datasets, loader, site_manifest_path
 from fedopal.site.device import autocast, grad_scaler, resolve_device
 from fedopal.specs.methods import get_method
 from fedopal.model.orthogonality import RepresentationOrthogonality, weight_orthogonality
@@ -116,10 +125,29 @@ def site_steps(model, datasets: dict, cfg: FedOpalConfig, steps: int, device: to
     run = cfg.train.model_copy(update={"local_steps": steps})
     trainer = SiteTrainer(model, datasets, run, cfg.data.batch_size, cfg.data.num_workers, device)
     _synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.train_round()
     _synchronize(device)
-    return steps * cfg.data.batch_size * cfg.train.grad_accum_steps / (time.perf_counter() - start)
+    images = round_images(len(datasets["train"]), cfg.data.batch_size, cfg.train.grad_accum_steps, steps)
+    return _timed(images, start, cpu)
+
+
+# the last timed loop of this process: images, wall seconds, and this process's CPU seconds (with one thread and no
+# loader workers, the seconds it computed: unlike the wall clock, not lengthened by other processes on the cores)
+LAST_TIMING: dict = {}
+
+
+def _timed(images: int, start: float, cpu: float) -> float:
+    LAST_TIMING.update(images=images, wall_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu)
+    return images / LAST_TIMING["wall_s"]
+
+
+def round_images(n: int, batch_size: int, grad_accum_steps: int, steps: int) -> int:
+    """Images SiteTrainer.train_round reads in `steps` optimizer steps over a split of `n`: every pass ends with a
+    shorter batch when batch_size does not divide n (steps x batch_size would count images that were not there)."""
+    sizes = batch_sizes(n, batch_size)
+    groups = [sum(sizes[i:i + grad_accum_steps]) for i in range(0, len(sizes), grad_accum_steps)]
+    return sum(groups[i % len(groups)] for i in range(steps))
 
 
 def bare_round_s(cfg: FedOpalConfig, sites: list[str]) -> float:
@@ -244,13 +272,25 @@ COST_BACKBONES = {"efficientnet_lite0": {},
 
 def _site_loop_in_process(config_path: str, overrides: dict, site: str, steps: int) -> tuple[float, float]:
     """(images/s, peak RSS in MB) of the site loop, in a fresh process: its peak RSS is its own."""
+    rate, rss, _ = _loop_in_process(config_path, overrides, site, steps, "site_loop")
+    return rate, rss
+
+
+def _loop_in_process(config_path: str, overrides: dict, site: str, steps: int,
+                     loop: str) -> tuple[float, float, float]:
+    """(images/s, peak RSS in MB, images per CPU second) of `loop` (a function of this module: site_loop,
+    bare_seg_loop) in a fresh process with one thread."""
     code = ("import json, sys, torch; torch.set_num_threads(1); from fedopal.config import load_config; "
-            "from fedopal.tools.perf import peak_rss_kb, site_loop; cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); "
-            "rate = site_loop(cfg, sys.argv[3], int(sys.argv[4])); print(rate, peak_rss_kb())")
+            f"from fedopal.tools.perf import LAST_TIMING, peak_rss_kb, {loop} as loop; "
+            "cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); "
+            "rate = loop(cfg, sys.argv[3], int(sys.argv[4])); "
+            "print(rate, peak_rss_kb(), LAST_TIMING['images'] / LAST_TIMING['cpu_s'])")
     out = subprocess.run([sys.executable, "-c", code, config_path, json.dumps(overrides), site, str(steps)],
-                         capture_output=True, text=True, check=True)
-    rate, rss_kb = out.stdout.strip().splitlines()[-1].split()
-    return float(rate), int(rss_kb) / 1024
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{loop} on {site} failed:\n{out.stderr[-3000:]}")
+    rate, rss_kb, cpu_rate = out.stdout.strip().splitlines()[-1].split()
+    return float(rate), int(rss_kb) / 1024, float(cpu_rate)
 
 
 def method_cost(config_path: str, steps: int, repeats: int = 3) -> dict:
@@ -304,7 +344,176 @@ def method_cost_targets(cost: dict) -> list[tuple[str, float, str]]:
     return rows
 
 
-PARTS = ("loop", "simulator", "vit_s", "scaling", "method_cost")
+# -- (s) segmentation: the site loop vs a bare MONAI + peft loop ------------------------------------------------------
+
+def bare_seg_net(cfg: FedOpalConfig) -> torch.nn.Module:
+    """The network of the bare segmentation loop, as a MONAI + peft user writes it: MONAI's UNETR / SwinUNETR with
+    the arguments FedOPAL's builder passes it (backbones.SEGMENTATION_NETS, under the same seed: the same initial
+    weights), peft LoRA adapters `global` and `personal` (model.lora_*) on the same encoder modules, both active;
+    the adapters and the decoder (every module outside the encoder) train, the rest is frozen. No FedOPAL wrapper,
+    fused forward or method spec: peft's own forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedopal.model.backbones import SEGMENTATION_NETS
+
+    if cfg.model.backbone not in SEGMENTATION_NETS:
+        raise ValueError(f"the bare segmentation loop builds a MONAI network ({', '.join(SEGMENTATION_NETS)}); "
+                         f"model.backbone is '{cfg.model.backbone}'")
+    build, targets = SEGMENTATION_NETS[cfg.model.backbone]
+    torch.manual_seed(cfg.train.seed)
+    net, _, _, encoder_prefix = build(cfg)
+    lora = dict(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
+                target_modules=cfg.model.target_modules or targets)
+    net = get_peft_model(net, LoraConfig(**lora), adapter_name="global")
+    net.add_adapter("personal", LoraConfig(**lora))
+    net.base_model.set_adapter(["global", "personal"])  # both active in one forward (LoraModel takes a list)
+    for name, param in net.base_model.model.named_parameters():
+        param.requires_grad_(".lora_" in name or not name.startswith(encoder_prefix))
+    return net
+
+
+def _lora_layers(net: torch.nn.Module):
+    return [(n, m) for n, m in net.named_modules()
+            if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and len(m.lora_A)]
+
+
+def bare_seg_steps(net: torch.nn.Module, dataset, cfg: FedOpalConfig, steps: int,
+                   device: torch.device | None = None) -> float:
+    """Images/s of a plain loop over `net` (bare_seg_net): monai DiceCELoss (as the site: one-hot masks, softmax) +
+    lambda x the spec's orthogonality (fedopal_w's weight loss, fedopal_r's representation loss, on peft's layers),
+    AdamW on the trainable tensors, autocast in train.precision; no accumulation, schedule or bookkeeping. The batches
+    are the site's timed round's (site_steps): the first `steps` batches of round 0, in the trainer's seeded order and
+    per-pass augmentation seeds; two batches of it first, untimed (warm-up). On a GPU the clock stops after the
+    last kernel."""
+    from monai.losses import DiceCELoss
+
+    device = device or resolve_device(cfg.train.device)
+    net.to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scaler = grad_scaler(device, cfg.train.precision)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    regularizer = get_method(cfg.train.method, cfg.model.head).regularizer if cfg.train.orth_lambda > 0 else "none"
+    layers = _lora_layers(net)
+    rep = RepresentationOrthogonality(layers) if regularizer == "representation" else nullcontext()
+    round_seed = cfg.train.seed * 100003  # SiteTrainer's round 0
+
+    def run(count: int) -> int:
+        done = images = passes = 0
+        while done < count:
+            dataset.augment_seed = round_seed * 1000 + passes
+            for batch in loader(dataset, cfg.data.batch_size, shuffle=True, seed=round_seed,
+                                num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda"):
+                x = batch["image"].to(device, non_blocking=True)
+                mask = batch["mask"].to(device, non_blocking=True)
+                with autocast(device, cfg.train.precision):
+                    logits = net(x)
+                loss = loss_fn(logits.float(), mask)
+                if regularizer == "weight":
+                    loss = loss + cfg.train.orth_lambda * weight_orthogonality(layers, cfg.train.orth_on,
+                                                                              cfg.train.orth_normalize)
+                elif regularizer == "representation":
+                    loss = loss + cfg.train.orth_lambda * rep.loss()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                images += len(x)
+                done += 1
+                if done >= count:
+                    break
+            passes += 1
+        return images
+
+    net.train()
+    with rep:
+        run(2)
+        _synchronize(device)
+        start, cpu = time.perf_counter(), time.process_time()
+        images = run(steps)
+        _synchronize(device)
+    return _timed(images, start, cpu)
+
+
+def _seg_datasets(cfg: FedOpalConfig, site: str) -> dict:
+    """The site's datasets without building FedOPAL's model: a MONAI segmentation network takes data.in_channels
+    and no normalization of its own (backbones._segmentation_net), so the pipeline is the site's."""
+    samples = check_site(cfg, site)
+    return build_datasets(cfg.data.for_site(site), samples, cfg.data.in_channels, None, site_manifest_path(cfg, site),
+                          cfg.train.seed)
+
+
+def bare_seg_loop(cfg: FedOpalConfig, site: str, steps: int) -> float:
+    return bare_seg_steps(bare_seg_net(cfg), _seg_datasets(cfg, site)["train"], cfg, steps)
+
+
+def trainable_counts(cfg: FedOpalConfig) -> dict:
+    """Trainable parameters of the site's model and of the bare loop's network: the two loops train the same."""
+    site = build_model(cfg, get_method(cfg.train.method, cfg.model.head), "site-1")
+    bare = bare_seg_net(cfg)
+    return {"site": sum(p.numel() for p in site.parameters() if p.requires_grad),
+            "bare": sum(p.numel() for p in bare.parameters() if p.requires_grad)}
+
+
+def segmentation_part(config_path: str, site: str, steps: int, repeats: int) -> dict:
+    """(s): the site loop and the bare loop on `site`, each run in its own process (one thread), `repeats` times
+    alternating which goes first; the fastest run of each counts, and the highest peak RSS. Each run also gives its
+    images per CPU second (the process's CPU time over the timed steps): on cores other processes share, the wall
+    clock of a run depends on them, its CPU time much less; cpu_ratio is the site / bare ratio of their medians."""
+    cfg = load_config(config_path)
+    counts = trainable_counts(cfg)
+    if counts["site"] != counts["bare"]:
+        raise RuntimeError(f"the bare loop would train {counts['bare']:,} parameters, the site {counts['site']:,}")
+    n_train = sum(1 for s in check_site(cfg, site) if s.split == "train")
+    runs: dict = {"site_loop": [], "bare_seg_loop": []}
+    for repeat in range(repeats):
+        order = ("bare_seg_loop", "site_loop") if repeat % 2 == 0 else ("site_loop", "bare_seg_loop")
+        for loop in order:
+            rate, rss, cpu_rate = _loop_in_process(config_path, {}, site, steps, loop)
+            runs[loop].append((rate, rss, cpu_rate))
+            print(f"  [{repeat + 1}/{repeats}] {loop:<14} {rate:8.1f} img/s ({cpu_rate:6.1f} per CPU s)  peak RSS "
+                  f"{rss:7.1f} MB", flush=True)
+    site_rate, bare_rate = (max(r[0] for r in runs[k]) for k in ("site_loop", "bare_seg_loop"))
+    site_rss, bare_rss = (max(r[1] for r in runs[k]) for k in ("site_loop", "bare_seg_loop"))
+    site_cpu, bare_cpu = (statistics.median(r[2] for r in runs[k]) for k in ("site_loop", "bare_seg_loop"))
+    site_med, bare_med = (statistics.median(r[0] for r in runs[k]) for k in ("site_loop", "bare_seg_loop"))
+    size, dims = cfg.data.roi_size or cfg.data.image_size, cfg.data.spatial_dims
+    net = {"unetr": "UNETR", "swin_unetr": "SwinUNETR"}.get(cfg.model.backbone, cfg.model.backbone)
+    volumes = {"site_voxels_per_s": round(site_rate * size ** 3), "bare_voxels_per_s": round(bare_rate * size ** 3)} \
+        if dims == 3 else {}
+    return {"model": f"MONAI {net} {dims}D at {size}{'²' if dims == 2 else '³'}, LoRA r={cfg.model.lora_rank} on the "
+                     f"encoder, {cfg.train.method}, {cfg.train.precision}",
+            "site": site, "train_images": n_train, "batch_size": cfg.data.batch_size, "steps": steps,
+            "repeats": repeats, "trainable_params": counts["site"],
+            "site_img_per_s": round(site_rate, 1), "bare_img_per_s": round(bare_rate, 1),
+            "seg_loop_ratio": round(site_rate / bare_rate, 3),
+            "overhead_pct": round(100 * (bare_rate / site_rate - 1), 1), **volumes,
+            "site_img_per_s_median": round(site_med, 1), "bare_img_per_s_median": round(bare_med, 1),
+            "site_img_per_cpu_s": round(site_cpu, 1), "bare_img_per_cpu_s": round(bare_cpu, 1),
+            "cpu_ratio": round(site_cpu / bare_cpu, 3), "cpu_overhead_pct": round(100 * (bare_cpu / site_cpu - 1), 1),
+            "site_peak_rss_mb": round(site_rss, 1), "bare_peak_rss_mb": round(bare_rss, 1),
+            "peak_rss_ratio": round(site_rss / bare_rss, 3),
+            "runs": {k: [{"img_per_s": round(r, 1), "peak_rss_mb": round(m, 1), "img_per_cpu_s": round(c, 1)}
+                         for r, m, c in v] for k, v in runs.items()}}
+
+
+def segmentation_table(seg: dict) -> str:
+    ok = lambda good: "met" if good else "missed"  # noqa: E731
+    return "\n".join([
+        "| measure | value | target |", "|---|---|---|",
+        f"| (s) `seg_loop_ratio`: site loop / bare MONAI + peft loop ({seg['model']}, {seg['site']}, batch "
+        f"{seg['batch_size']}, best of {seg['repeats']}) | {seg['seg_loop_ratio']} ({seg['site_img_per_s']} vs "
+        f"{seg['bare_img_per_s']} img/s; "
+        f"overhead {seg['overhead_pct']:+.1f} %) | >= 0.9 ({ok(seg['seg_loop_ratio'] >= 0.9)}) |",
+        f"| (s) the same per CPU second, median of {seg['repeats']} (`cpu_ratio`) | {seg['cpu_ratio']} "
+        f"({seg['site_img_per_cpu_s']} vs "
+        f"{seg['bare_img_per_cpu_s']} img/CPU s; overhead {seg['cpu_overhead_pct']:+.1f} %) | |",
+        f"| (s) peak RSS: the site loop's process / the bare loop's | {seg['site_peak_rss_mb']} / "
+        f"{seg['bare_peak_rss_mb']} MB ({seg['peak_rss_ratio']}) | <= 1.3 ({ok(seg['peak_rss_ratio'] <= 1.3)}) |"])
+
+
+PARTS = ("loop", "simulator", "vit_s", "scaling", "method_cost", "segmentation")
+CLASSIFICATION_PARTS = PARTS[:-1]
 
 
 def main(argv=None) -> int:
@@ -313,12 +522,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer steps and site counts (a smoke run)")
     p.add_argument("--out", default="results/perf")
     p.add_argument("--workspace", default="workspace/perf")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default all)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
+                   help="what to measure (default: every part that applies to the config's data.task)")
     args = p.parse_args(argv)
-    parts = set(args.parts)
     os.environ.setdefault("FEDOPAL_HOME", os.getcwd())
     torch.set_num_threads(1)
     steps = 6 if args.quick else 20
+    if load_config(args.config).data.task == "segmentation":
+        return segmentation_main(args, steps)
+    parts = set(args.parts or CLASSIFICATION_PARTS)
+    if "segmentation" in parts:
+        p.error(f"--parts segmentation needs a segmentation config (data.task: segmentation), e.g. "
+                f"app_configs/demo_seg.yaml; {args.config} is classification")
     base = load_config(args.config, {"train.method": "fedopal_w"})
     results: dict = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
                                 f"torch {torch.__version__}, 1 thread per site"}
@@ -347,6 +562,26 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({**results, "fedopal_version": fedopal.__version__}, f, indent=2)
     print(f"\nwritten: {os.path.join(args.out, 'summary.json')}")
+    return 0
+
+
+def segmentation_main(args, steps: int) -> int:
+    """`fedopal perf --config <a segmentation config>`: (s) alone, written to <out>/summary_seg.json."""
+    wrong = sorted(set(args.parts or ["segmentation"]) - {"segmentation"})
+    if wrong:
+        raise SystemExit(f"error: {args.config} is a segmentation config; --parts {' '.join(wrong)} measure the "
+                         "classification demo (app_configs/demo.yaml). Fix: drop --parts, or pass --parts "
+                         "segmentation.")
+    results: dict = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+                                f"torch {torch.__version__}, 1 thread per loop", "config": args.config}
+    print(f"(s) segmentation training loop, {args.config}, site-1: site loop vs bare MONAI + peft loop:", flush=True)
+    results["segmentation"] = segmentation_part(args.config, "site-1", steps, 1 if args.quick else 5)
+    print("\n" + segmentation_table(results["segmentation"]), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "summary_seg.json")
+    with open(path, "w") as f:
+        json.dump({**results, "fedopal_version": fedopal.__version__}, f, indent=2)
+    print(f"\nwritten: {path}")
     return 0
 
 
