@@ -143,8 +143,9 @@ bench-seg: prepare-seg
 	$(FEDOPAL) bench --config app_configs/bench_seg.yaml
 
 # what FLARE adds on top of the compute (README "Performance")
-perf: prepare
+perf: prepare prepare-seg
 	$(FEDOPAL) perf --config app_configs/demo.yaml
+	$(FEDOPAL) perf --config app_configs/demo_seg.yaml
 
 # The runtime wheel a hospital installs (docs/deploy.md): dist/fedopal-<version>-py3-none-any.whl, its pins as
 # its dependencies. Built from this checkout with the venv's setuptools (no download).
@@ -226,6 +227,7 @@ docs: $(STAMP)
 		cp results/latejoin/small_site/compare.md docs/results/latejoin/small_site/)
 	[ ! -f results/console_transcript.txt ] || cp results/console_transcript.txt docs/results/
 	[ ! -f results/perf/summary.json ] || cp results/perf/summary.json docs/perf/summary.json
+	[ ! -f results/perf/summary_seg.json ] || cp results/perf/summary_seg.json docs/perf/summary_seg.json
 	$(FEDOPAL) docs
 
 # the admin console session of README "Deploy to a consortium", from the test that drives it

@@ -4,7 +4,6 @@ Classification on PneumoniaMNIST PNGs (a tiny MONAI ViT), segmentation on HC18 u
 sliding-window inference): each bundle runs in its own process, as a hospital runs it."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,23 +26,18 @@ from fedopal.specs.methods import get_method
 from conftest import NPZ, REPO
 
 HC18 = os.path.join(REPO, "data", "hc18", "hc18_small.npz")
-# what `python -m monai.bundle run --config_file C --bundle_root B --key value ...` calls once `fire` has parsed it
-RUN_FUNCTION = ("import sys; from monai.bundle import run; "
-                "run(**{k.removeprefix('--'): v for k, v in zip(sys.argv[1::2], sys.argv[2::2])})")
 
 
 class BundleRun:
     """`python -m monai.bundle run` on a bundle in a fresh process of the project's Python, started now; result()
-    waits for it. MONAI's command line needs `fire`; where it is not installed, the process calls the function that
-    command line calls."""
+    waits for it (MONAI's command line, on `fire`, pinned)."""
 
     def __init__(self, bundle, output_dir, **overrides):
         args = ["--config_file", os.path.join(bundle, "configs", "inference.json"), "--bundle_root", str(bundle),
                 "--output_dir", str(output_dir)]
         for key, value in overrides.items():
             args += [f"--{key}", str(value)]
-        command = ([sys.executable, "-m", "monai.bundle", "run"] if importlib.util.find_spec("fire")
-                   else [sys.executable, "-c", RUN_FUNCTION])
+        command = [sys.executable, "-m", "monai.bundle", "run"]
         self.output_dir, self.log = output_dir, f"{output_dir}.log"
         with open(self.log, "w") as log:  # a file, not a pipe: two runs at once never block on a full pipe
             self.process = subprocess.Popen(command + args, stdout=log, stderr=subprocess.STDOUT,
