@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import statistics
 
 import numpy as np
 import pytest
@@ -218,3 +219,123 @@ def test_paired_interval_coverage_on_synthetic_benchmarks():
     little easier to reach than 95 % promises), and near 95 % once a consortium has more sites and seeds."""
     assert 0.83 <= synthetic_coverage(4, 3, 0.015, 0.010, 0.020) <= 0.93
     assert 0.92 <= synthetic_coverage(8, 6, 0.015, 0.010, 0.020) <= 0.98
+
+
+# -- segmentation: the tables in Dice -----------------------------------------------------------------------------
+
+def seg_record(rnd, val, test, hd95=5.0, personal_gain=0.0):
+    """One round of a segmentation site's metrics.jsonl: Dice (the headline), HD95, the class's Dice, the interval."""
+    r = {"round": rnd, "trainable_params": 100, "overlap_A": 0.01, "overlap_B": 0.2, "overlap_u": 0.3,
+         "random_A": 0.07, "random_B": 0.06, "random_u": 0.01}
+    for view, gain in (("personalized", personal_gain), ("global_only", 0.0)):
+        r |= {f"{view}/val/dice": val + gain, f"{view}/val/hd95": hd95, f"{view}/val/dice/head": val + gain,
+              f"{view}/test/dice": test + gain, f"{view}/test/hd95": hd95, f"{view}/test/dice/head": test + gain,
+              f"{view}/test/dice_ci_low": test + gain - 0.05, f"{view}/test/dice_ci_high": test + gain + 0.05}
+    return r
+
+
+def seg_run(method, seed, base, personal_gain=0.0, dual=True):
+    """Three sites; site-2's validation peaks at round 1, the others' at round 2."""
+    sites = {}
+    for i, site in enumerate(["site-1", "site-2", "site-3"]):
+        offset = base + 0.01 * i + 0.001 * seed
+        first, second = (0.9, 0.7) if site == "site-2" else (0.7, 0.9)
+        records = [seg_record(1, first, offset, hd95=6.0 + i, personal_gain=personal_gain),
+                   seg_record(2, second, offset + 0.05, hd95=4.0 + i, personal_gain=personal_gain)]
+        if not dual:  # one adapter: no global-only view, no diagnostics
+            records = [{k: v for k, v in r.items() if not k.startswith("global_only/") and "overlap" not in k
+                        and "random" not in k} for r in records]
+        sites[site] = records
+    return {"run_id": f"{method}-s{seed}", "spec": {"seed": seed, "lr": 0.002}, "wall_s": 10.0,
+            "bytes_received": {s: 1000.0 for s in sites}, "sites": sites}
+
+
+def test_segmentation_tables_are_in_dice(tmp_path):
+    """Synthetic segmentation runs, no simulator: rows at each site's best-validation Dice round, the CSV's Dice
+    columns, the main table, the per-site table and the contouring-shift table, all in Dice; the guide reads a
+    segmentation summary.csv too."""
+    from fedopal.config import config_from_dict
+    from fedopal.tools.bench import (Bench, aggregate, main_markdown, method_scores, run_metric, shifted_sites,
+                                     site_seed_scores, validation_score)
+
+    run = seg_run("fedopal_w", 0, 0.80, personal_gain=0.01)
+    assert run_metric(run) == "dice"
+    rows = {r["site"]: r for r in site_results(run, "personalized")}
+    assert rows["site-2"]["best_round"] == 1 and rows["site-1"]["best_round"] == 2
+    assert rows["site-2"]["dice"] == pytest.approx(0.82) and rows["site-1"]["dice"] == pytest.approx(0.86)
+    assert rows["site-1"]["hd95"] == 4.0 and rows["site-1"]["dice/head"] == rows["site-1"]["dice"]
+    assert rows["site-1"]["dice_ci_low"] == pytest.approx(0.81)
+    assert rows["site-1"]["final_dice"] == pytest.approx(0.86)
+    assert "balanced_accuracy" not in rows["site-1"] and "auc" not in rows["site-1"]
+    assert validation_score(run) == pytest.approx(0.91)  # the site mean of each site's best validation Dice
+
+    main = {"fedavg_lora": [seg_run("fedavg_lora", k, 0.80, dual=False) for k in (0, 1, 2)],
+            "dual_lora": [seg_run("dual_lora", k, 0.82) for k in (0, 1, 2)],
+            "fedopal_w": [seg_run("fedopal_w", k, 0.82, personal_gain=0.01) for k in (0, 1, 2)]}
+    agg = aggregate(main["fedopal_w"])
+    # site-1 and site-3 at round 2 (0.82 + 0.05 + the site's offset + the personal gain), site-2 at round 1
+    assert agg["score"][0] == pytest.approx(statistics.fmean([(0.88 + 0.84 + 0.90) / 3 + 0.001 * k for k in (0, 1, 2)]))
+    assert agg["hd95"][0] == pytest.approx(17 / 3)  # the sites' HD95 at their chosen rounds: 4, 7, 6
+    assert aggregate(main["fedopal_w"], "global_only")["score"][0] == pytest.approx(agg["score"][0] - 0.01)
+    assert site_seed_scores(main["dual_lora"])[("site-3", 2)] == pytest.approx(0.82 + 0.02 + 0.002 + 0.05)
+
+    write_csv(main, str(tmp_path / "summary.csv"), "dice")
+    csv_rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    header = list(csv_rows[0])
+    assert header[:7] == ["method", "seed", "site", "eval", "dice", "hd95", "dice/head"]
+    assert "balanced_accuracy" not in header and "auc" not in header and "final_dice" in header
+    assert {r["eval"] for r in csv_rows if r["method"] == "fedavg_lora"} == {"personalized"}
+    scores = method_scores(str(tmp_path / "summary.csv"))  # the guide reads a segmentation summary too
+    assert scores["fedopal_w"]["score"][0] == pytest.approx(agg["score"][0])
+
+    root = tmp_path / "fed"
+    root.mkdir()
+    (root / "federation.json").write_text(json.dumps({"sites": {
+        "site-1": {"shift": "reference", "contour_px": 0},
+        "site-2": {"shift": "wide", "shift_description": "masks 2 px wider", "contour_px": 2},
+        "site-3": {"shift": "narrow", "shift_description": "masks 1 px narrower", "contour_px": -1}}}))
+    assert shifted_sites(str(root)) == {"site-2": "masks 2 px wider", "site-3": "masks 1 px narrower"}
+    assert shifted_sites(str(tmp_path / "nothing")) == {}
+
+    cfg = config_from_dict({
+        "name": "seg", "data": {"task": "segmentation", "root": str(root), "image_size": 48,
+                                "class_names": ["background", "head"]},
+        "model": {"backbone": "unetr", "pretrained": False, "vit": {"hidden_size": 96, "mlp_dim": 192, "num_heads": 3}},
+        "train": {"num_rounds": 2}, "federation": {"num_sites": 3},
+        "bench": {"methods": list(main), "seeds": [0, 1, 2], "lr_grid": [0.002], "studies": None}})
+    bench = Bench(cfg, str(tmp_path / "out"), str(tmp_path / "ws"))
+    assert bench.metric == "dice"
+    bench.chosen_lr = {m: 0.002 for m in main}
+    bench.tuning = {m: {0.002: validation_score(main[m][0], "dice")} for m in main}
+    md = main_markdown(bench, main, "seg")
+    assert "bal. acc." not in md and "balanced accuracy" not in md and "AUC" not in md
+    assert "| method | eval | Dice | worst site | HD95 (px) |" in md and "one learning rate for every method" in md
+    assert f"| fedopal_w | personalized | {agg['score'][0]:.3f} ± " in md and "| fedopal_w | global-only |" in md
+    assert "first seed's validation Dice" in md and "Ranking by mean Dice" in md
+    # per site, mean ± sd over seeds: fedopal_w's site-1 0.88 + 0.001 k, site-2 (its round-1 choice) 0.84 + 0.001 k
+    assert "| method | site-1 | site-2 | site-3 |" in md and "| fedopal_w | 0.881 ± 0.001 | 0.841 ± 0.001 |" in md
+    # the contouring-shift table: fedopal_w - dual_lora is its personal gain, +0.010 on every (site, seed)
+    assert "| comparison | all sites | site-2, site-3 | site-2 | site-3 |" in md
+    assert "| fedopal_w − dual_lora | +0.010 [+0.010, +0.010], real | +0.010 [+0.010, +0.010], real | " \
+           "+0.010 ± 0.000 | +0.010 ± 0.000 |" in md
+    assert "| fedopal_w: personal adapter on − off | +0.010 [+0.010, +0.010], real |" in md
+    assert "| dual_lora: personal adapter on − off | +0.000 [+0.000, +0.000] |" in md
+    assert "| fedopal_w − fedavg_lora | +0.030 [+0.030, +0.030], real |" in md
+
+
+def test_the_secret_scan_shortcut_splits_as_shlex_does():
+    """bench.linear_secret_scan: a plain string is one shlex token; anything shlex would treat specially (space,
+    quote, backslash) goes through NVFlare's own tokenizer."""
+    import shlex
+
+    from nvflare.fuel.utils import secret_utils
+
+    from fedopal.tools.bench import linear_secret_scan
+
+    linear_secret_scan()
+    linear_secret_scan()  # idempotent: one wrapper, not two
+    split = secret_utils._split_token_variants
+    assert split.fedopal_linear
+    for text in ["eJzt+/9k3z0=AbC/123", "a" * 50, "--flag=value", "two words", "'quoted' x", "back\\slash",
+                 'say "hi"', "#not-a-comment", "tab\there", ""]:
+        assert split(text)[0] == shlex.split(text, posix=True), text

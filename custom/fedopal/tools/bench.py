@@ -3,7 +3,9 @@
     fedopal bench --config app_configs/bench.yaml [--quick]
 
 1. Tuning: every method gets the same learning-rate grid (bench.lr_grid) on the first seed; the lr with the
-   best mean over sites of the best *validation* balanced accuracy wins (test is never looked at).
+   best mean over sites of the best *validation* headline metric wins (test is never looked at). The headline is the
+   task's (config HEADLINE): balanced accuracy for classification, mean foreground Dice for segmentation; every
+   table, plot and paired interval below is in it.
 2. Main table: every method at its chosen lr, on every seed.
 3. Studies: lambda, head shared/personal, LoRA rank and transfer quantization (NVFlare's ModelQuantizer) for the
    FedOPAL variants, on every seed.
@@ -14,8 +16,10 @@
 
 Each run is the production job (client, filter, aggregator, persistor) in the simulator. A finished run is
 cached in <out>/runs/<run id>.json, so an interrupted benchmark resumes where it stopped.
-Writes summary.csv, summary.md, studies.md and PNG plots to bench.out_dir. A difference between two methods is called
-real when its 95 % paired bootstrap interval over sites x seeds excludes 0 (paired_bootstrap).
+Writes summary.csv, summary.md, studies.md and PNG plots to bench.out_dir (segmentation: also a per-site table, and
+the paired differences on the sites whose masks follow another contouring convention, federation.json contour_px).
+A difference between two methods is called real when its 95 % paired bootstrap interval over sites x seeds excludes
+0 (paired_bootstrap).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import fedopal
-from fedopal.config import ConfigError, FedOpalConfig, load_config, parse_overrides
+from fedopal.config import HEADLINE, ConfigError, FedOpalConfig, load_config, parse_overrides
 from fedopal.site.device import DeviceError, check_precision, resolve_device
 from fedopal.specs.methods import get_method
 from fedopal.site.selection import best_round
@@ -44,6 +48,28 @@ EVALS = ("personalized", "global_only")
 FEDOPAL = ("fedopal_w", "fedopal_r", "fedopal_p")
 CI_METRICS = ("balanced_accuracy", "auc")
 DIAGNOSTICS = ("overlap_A", "overlap_B", "overlap_u", "random_A", "random_B", "random_u")
+# the headline metric (config HEADLINE, per task): its column label and its name in prose
+LABEL = {"balanced_accuracy": "bal. acc.", "dice": "Dice"}
+NAME = {"balanced_accuracy": "balanced accuracy", "dice": "Dice"}
+
+
+def run_metric(result: dict) -> str:
+    """The headline metric a run's sites wrote (classification: balanced_accuracy, segmentation: dice), read from
+    its records; balanced_accuracy where none is there (a run whose sites measured nothing)."""
+    for records in result["sites"].values():
+        for record in records:
+            for metric in HEADLINE.values():
+                if f"personalized/val/{metric}" in record:
+                    return metric
+    return HEADLINE["classification"]
+
+
+def _metric(results, metric: str | None) -> str:
+    """`metric`, else the one the first of these runs wrote."""
+    if metric:
+        return metric
+    first = next(iter(results), None)
+    return run_metric(first) if first is not None else HEADLINE["classification"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,34 @@ def _cpu_seconds() -> float:
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
+_SHLEX_SPECIAL = frozenset(" \t\r\n\v\f'\"\\")
+
+
+def linear_secret_scan() -> None:
+    """Make NVFlare's scan of a generated job for secrets linear in a long plain string; its findings are unchanged.
+
+    Before it starts the simulator, NVFlare (fuel.utils.secret_utils) splits every string of the job's configs with
+    shlex, character by character and worse than linearly in a token's length. The server config carries the job's
+    initial shared state as one base64 string (job.build_recipe): 0.2 M characters with LoRA alone, 4.8 M with a
+    shared UNETR decoder (fedavg_lora, ffa_lora), more with full_ft: the parent process of a one-round fedavg_lora
+    segmentation run spent 9 minutes or more in it before any site started. A string with no whitespace, quote or backslash is one shlex
+    token (shlex.split(s) == [s] there, comments being off); for such a string this returns it without the
+    character loop. Every other string takes NVFlare's own path. Idempotent."""
+    from nvflare.fuel.utils import secret_utils
+
+    split = secret_utils._split_token_variants
+    if getattr(split, "fedopal_linear", False):
+        return
+
+    def fast_split(text: str) -> list[list[str]]:
+        if text and _SHLEX_SPECIAL.isdisjoint(text):
+            return [[text]]
+        return split(text)
+
+    fast_split.fedopal_linear = True
+    secret_utils._split_token_variants = fast_split
+
+
 def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, gpus: str | None = None) -> dict:
     from fedopal.tools.job import simulate
 
@@ -120,6 +174,7 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, 
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
+    linear_secret_scan()
     cfg = spec.config(base)
     start, cpu_start = time.time(), _cpu_seconds()
     job_ws = simulate(cfg, workspace, gpus=gpus)
@@ -139,8 +194,12 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, 
 
 # -- reading a run ---------------------------------------------------------------------------------------
 
-def site_results(result: dict, view: str) -> list[dict]:
-    """Per site: test metrics at the round where that view's validation balanced accuracy peaked."""
+def site_results(result: dict, view: str, metric: str | None = None) -> list[dict]:
+    """Per site: test metrics at the round where that view's validation headline metric (balanced accuracy;
+    segmentation: Dice) peaked."""
+    metric = metric or run_metric(result)
+    if metric != "balanced_accuracy":
+        return _segmentation_site_results(result, view, metric)
     rows = []
     for site, records in result["sites"].items():
         key = f"{view}/val/balanced_accuracy"
@@ -165,17 +224,45 @@ def site_results(result: dict, view: str) -> list[dict]:
     return rows
 
 
-def validation_score(result: dict) -> float:
-    mean, covered = covered_mean([r["val_balanced_accuracy"] for r in site_results(result, "personalized")])
+def _segmentation_site_results(result: dict, view: str, metric: str) -> list[dict]:
+    """site_results of a segmentation run: mean foreground Dice (the headline), HD95 (pixels of the model's grid),
+    each class's Dice and the site's 95 % interval of the Dice over its test images, at the round where the view's
+    validation Dice peaked (the rule of site.selection.segmentation_row)."""
+    rows = []
+    for site, records in result["sites"].items():
+        key = f"{view}/val/{metric}"
+        if key not in records[0]:
+            continue
+        best = best_round(records, key) or records[-1]
+        prefix = f"{view}/test/{metric}/"
+        rows.append({
+            "site": site, "eval": view, "best_round": best["round"],
+            f"val_{metric}": best[key],
+            metric: best[f"{view}/test/{metric}"],
+            "hd95": best.get(f"{view}/test/hd95", math.nan),
+            **{f"{metric}/{k[len(prefix):]}": v for k, v in best.items() if k.startswith(prefix)},
+            **{f"{metric}_ci_{end}": best.get(f"{view}/test/{metric}_ci_{end}", "") for end in ("low", "high")},
+            f"final_{metric}": records[-1][f"{view}/test/{metric}"],
+            "bytes_per_round": result["bytes_received"].get(site, 0.0),
+            "trainable_params": records[-1]["trainable_params"],
+            **{k: best.get(k, "") for k in DIAGNOSTICS},
+        })
+    return rows
+
+
+def validation_score(result: dict, metric: str | None = None) -> float:
+    metric = metric or run_metric(result)
+    mean, covered = covered_mean([r[f"val_{metric}"] for r in site_results(result, "personalized", metric)])
     return mean if covered else -math.inf
 
 
-def curve(result: dict) -> list[float]:
-    """Site-mean personalized test balanced accuracy per round."""
+def curve(result: dict, metric: str | None = None) -> list[float]:
+    """Site-mean personalized test headline metric (balanced accuracy; segmentation: Dice) per round."""
+    metric = metric or run_metric(result)
     per_round: dict[int, list[float]] = {}
     for records in result["sites"].values():
         for r in records:
-            per_round.setdefault(r["round"], []).append(r["personalized/test/balanced_accuracy"])
+            per_round.setdefault(r["round"], []).append(r[f"personalized/test/{metric}"])
     return [covered_mean(v)[0] for _, v in sorted(per_round.items())]
 
 
@@ -186,29 +273,36 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan")  # one seed: no sd
 
 
-def aggregate(results: list[dict], view: str = "personalized") -> dict:
-    """Over seeds: mean +- sd of the site-mean balanced accuracy, and of the worst site."""
-    per_seed = [site_results(r, view) for r in results]
+def aggregate(results: list[dict], view: str = "personalized", metric: str | None = None) -> dict:
+    """Over seeds: mean +- sd of the site-mean headline metric (balanced accuracy; segmentation: Dice), and of the
+    worst site. "score" (also under its old name "bacc") is that headline."""
+    metric = _metric(results, metric)
+    per_seed = [site_results(r, view, metric) for r in results]
     per_seed = [rows for rows in per_seed if rows]
     if not per_seed:
         return {}
     # a site whose test split has one class has no balanced accuracy or AUC: means cover the sites that have one,
     # and say how many (the fewest over seeds)
-    site_mean = [covered_mean([x["balanced_accuracy"] for x in rows])[0] for rows in per_seed]
-    worst = [min((x["balanced_accuracy"] for x in rows if not math.isnan(x["balanced_accuracy"])), default=math.nan)
+    site_mean = [covered_mean([x[metric] for x in rows])[0] for rows in per_seed]
+    worst = [min((x[metric] for x in rows if not math.isnan(x[metric])), default=math.nan)
              for rows in per_seed]
-    return {
-        "bacc": _mean_sd(site_mean), "worst": _mean_sd(worst),
-        "sites": min(covered_mean([x["balanced_accuracy"] for x in rows])[1] for rows in per_seed),
-        "auc_sites": min(covered_mean([x["auc"] for x in rows])[1] for rows in per_seed),
+    score = _mean_sd(site_mean)
+    out = {
+        "score": score, "bacc": score, "worst": _mean_sd(worst),
+        "sites": min(covered_mean([x[metric] for x in rows])[1] for rows in per_seed),
         "total_sites": max(len(rows) for rows in per_seed),
-        "accuracy": _mean_sd([covered_mean([x["accuracy"] for x in rows])[0] for rows in per_seed]),
-        "auc": _mean_sd([covered_mean([x["auc"] for x in rows])[0] for rows in per_seed]),
         "bytes_per_round": statistics.fmean(x["bytes_per_round"] for rows in per_seed for x in rows),
         "trainable_params": per_seed[0][0]["trainable_params"],
         "wall_s": statistics.fmean(r["wall_s"] for r in results),
         "n_seeds": len(per_seed),
     }
+    if metric == "balanced_accuracy":
+        out |= {"auc_sites": min(covered_mean([x["auc"] for x in rows])[1] for rows in per_seed),
+                "accuracy": _mean_sd([covered_mean([x["accuracy"] for x in rows])[0] for rows in per_seed]),
+                "auc": _mean_sd([covered_mean([x["auc"] for x in rows])[0] for rows in per_seed])}
+    else:
+        out["hd95"] = _mean_sd([covered_mean([x["hd95"] for x in rows])[0] for rows in per_seed])
+    return out
 
 
 # -- paired intervals: is a difference between two methods real? ---------------------------------------------
@@ -293,7 +387,7 @@ def paired_bootstrap(diff: np.ndarray, level: float = PAIRED_LEVEL, n_resamples:
 
 
 def paired_difference(a: dict[tuple[str, int], float], b: dict[tuple[str, int], float]) -> PairedDifference:
-    """a - b over the (site, seed) cells both have: {(site, seed): balanced accuracy} of two methods."""
+    """a - b over the (site, seed) cells both have: {(site, seed): headline metric} of two methods."""
     sites = sorted({s for s, _ in a} & {s for s, _ in b})
     seeds = sorted({k for _, k in a} & {k for _, k in b})
     table = np.array([[a.get((s, k), math.nan) - b.get((s, k), math.nan) for k in seeds] for s in sites])
@@ -303,10 +397,12 @@ def paired_difference(a: dict[tuple[str, int], float], b: dict[tuple[str, int], 
     return PairedDifference(*paired_bootstrap(table), len(sites), len(seeds))
 
 
-def site_seed_scores(results: list[dict], view: str = "personalized") -> dict[tuple[str, int], float]:
-    """{(site, seed): test balanced accuracy at the site's best-validation round} of one method's runs."""
-    return {(row["site"], r["spec"]["seed"]): row["balanced_accuracy"] for r in results
-            for row in site_results(r, view)}
+def site_seed_scores(results: list[dict], view: str = "personalized",
+                     metric: str | None = None) -> dict[tuple[str, int], float]:
+    """{(site, seed): test headline metric at the site's best-validation round} of one method's runs."""
+    metric = _metric(results, metric)
+    return {(row["site"], r["spec"]["seed"]): row[metric] for r in results
+            for row in site_results(r, view, metric)}
 
 
 def _pm(ms: tuple[float, float], covered: int | None = None, total: int | None = None) -> str:
@@ -331,6 +427,11 @@ class Bench:
     @property
     def runs_dir(self) -> str:
         return os.path.join(self.out_dir, "runs")
+
+    @property
+    def metric(self) -> str:
+        """The task's headline metric (config HEADLINE): what tuning selects on and the tables lead with."""
+        return HEADLINE[self.base.data.task]
 
     def run(self, spec: RunSpec, total: int) -> dict:
         self.done += 1
@@ -448,7 +549,7 @@ class Bench:
                 print(f"left out (tuning runs missing): {', '.join(sorted(incomplete))}", flush=True)
             tuning = [s for s in tuning if s.method not in incomplete]
         for spec in tuning:
-            score = validation_score(self.run(spec, total))
+            score = validation_score(self.run(spec, total), self.metric)
             self.tuning.setdefault(spec.method, {})[spec.lr] = score
         self.chosen_lr = {m: max(scores, key=scores.get) for m, scores in self.tuning.items()}
         seen: set[str] = set()
@@ -483,46 +584,85 @@ class Bench:
 
 # -- writing ---------------------------------------------------------------------------------------------
 
-def write_csv(main: dict[str, list[dict]], path: str) -> None:
-    cols = ["method", "seed", "site", "eval", "balanced_accuracy", "accuracy", "auc",
-            *(f"{m}_ci_{end}" for m in CI_METRICS for end in ("low", "high")), "best_round",
-            "final_balanced_accuracy", "bytes_per_round", "trainable_params", "wall_s", "lr", *DIAGNOSTICS]
+def _main_metric(main: dict[str, list[dict]], metric: str | None) -> str:
+    return _metric((r for results in main.values() for r in results), metric)
+
+
+def write_csv(main: dict[str, list[dict]], path: str, metric: str | None = None) -> None:
+    metric = _main_metric(main, metric)
+    rows = [{**row, "method": method, "seed": r["spec"]["seed"], "wall_s": r["wall_s"], "lr": r["spec"]["lr"]}
+            for method, results in main.items() for r in results for view in EVALS
+            for row in site_results(r, view, metric)]
+    if metric == "balanced_accuracy":
+        cols = ["method", "seed", "site", "eval", "balanced_accuracy", "accuracy", "auc",
+                *(f"{m}_ci_{end}" for m in CI_METRICS for end in ("low", "high")), "best_round",
+                "final_balanced_accuracy", "bytes_per_round", "trainable_params", "wall_s", "lr", *DIAGNOSTICS]
+    else:  # segmentation: Dice (mean over the foreground classes), HD95, each class's Dice, the site's interval
+        per_class = sorted({k for row in rows for k in row if k.startswith(f"{metric}/")})
+        cols = ["method", "seed", "site", "eval", metric, "hd95", *per_class,
+                *(f"{metric}_ci_{end}" for end in ("low", "high")), "best_round", f"final_{metric}",
+                "bytes_per_round", "trainable_params", "wall_s", "lr", *DIAGNOSTICS]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
-        for method, results in main.items():
-            for r in results:
-                for view in EVALS:
-                    for row in site_results(r, view):
-                        w.writerow({**row, "method": method, "seed": r["spec"]["seed"], "wall_s": r["wall_s"],
-                                    "lr": r["spec"]["lr"]})
+        w.writerows(rows)
+
+
+def settings_line(cfg: FedOpalConfig) -> str:
+    """What every run of the table shared, and what the benchmark left out (segmentation tables)."""
+    b = cfg.bench
+    return (f"Settings: {cfg.data.image_size}² pixels, {cfg.train.num_rounds} rounds of {cfg.train.local_epochs} local "
+            f"epoch(s), batch {cfg.data.batch_size}, LoRA rank {cfg.model.lora_rank}, "
+            f"lambda {cfg.train.orth_lambda:g}; "
+            + (f"one learning rate for every method ({b.lr_grid[0]:g}: no tuning)" if len(b.lr_grid) == 1 else
+               f"lr grid {b.lr_grid} tuned on the first seed's validation")
+            + f"; studies: {'none' if b.studies is None else 'studies.md'}; privacy study: "
+            + ("none" if b.privacy is None else "privacy.md") + ".")
 
 
 def main_markdown(bench: Bench, main: dict[str, list[dict]], title: str) -> str:
-    lines = [f"## {title}", "",
-             "Mean ± sd over seeds. *bal. acc.*: mean over sites of each site's test balanced accuracy at its "
-             "best-validation round. *worst site*: the lowest site, per seed, averaged. Bytes: what the server "
-             "received from one site per round.", "",
-             "| method | eval | bal. acc. | worst site | accuracy | AUC | bytes / round | trainable params "
-             "| wall s / run | lr | seeds |", "|" + "---|" * 11]
+    metric = bench.metric
+    if metric == "balanced_accuracy":
+        lines = [f"## {title}", "",
+                 "Mean ± sd over seeds. *bal. acc.*: mean over sites of each site's test balanced accuracy at its "
+                 "best-validation round. *worst site*: the lowest site, per seed, averaged. Bytes: what the server "
+                 "received from one site per round.", "",
+                 "| method | eval | bal. acc. | worst site | accuracy | AUC | bytes / round | trainable params "
+                 "| wall s / run | lr | seeds |", "|" + "---|" * 11]
+    else:
+        lines = [f"## {title}", "", settings_line(bench.base), "",
+                 f"Mean ± sd over seeds. *{LABEL[metric]}*: mean over sites of each site's test Dice (mean over the "
+                 "foreground classes) at its best-validation round (validation Dice). *worst site*: the lowest site, "
+                 "per seed, averaged. *HD95*: the site mean of the 95th percentile Hausdorff distance, in pixels of "
+                 "the model's grid (data.image_size). *global-only*: the same runs with the personal adapter "
+                 "switched off (the site's own head/decoder kept). Bytes: what the server received from one site per "
+                 "round.", "",
+                 f"| method | eval | {LABEL[metric]} | worst site | HD95 (px) | bytes / round | trainable params "
+                 "| wall s / run | lr | seeds |", "|" + "---|" * 10]
     for method, results in main.items():
         for view in EVALS:
-            agg = aggregate(results, view)
+            agg = aggregate(results, view, metric)
             if not agg:
                 continue
+            extra = (f"{_pm(agg['accuracy'])} | {_pm(agg['auc'], agg['auc_sites'], agg['total_sites'])}"
+                     if metric == "balanced_accuracy" else _pm(agg["hd95"]))
             lines.append(f"| {method} | {view.replace('_', '-')} | "
-                         f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
-                         f"{_pm(agg['accuracy'])} | {_pm(agg['auc'], agg['auc_sites'], agg['total_sites'])} | {agg['bytes_per_round']:,.0f} | "
+                         f"{_pm(agg['score'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
+                         f"{extra} | {agg['bytes_per_round']:,.0f} | "
                          f"{agg['trainable_params']:,} | {agg['wall_s']:.0f} | {bench.chosen_lr[method]:g} | "
                          f"{agg['n_seeds']} |")
-    lines += ["", "Learning rate chosen per method on the first seed's validation balanced accuracy "
+    lines += ["", f"Learning rate chosen per method on the first seed's validation {NAME[metric]} "
               "(site mean of the best round):", "", "| method | " + " | ".join(
                   f"lr {lr:g}" for lr in bench.base.bench.lr_grid) + " | chosen |",
               "|" + "---|" * (len(bench.base.bench.lr_grid) + 2)]
     for method, scores in bench.tuning.items():
         lines.append(f"| {method} | " + " | ".join(f"{scores[lr]:.3f}" for lr in bench.base.bench.lr_grid)
                      + f" | {bench.chosen_lr[method]:g} |")
-    lines += ["", rounds_line(main, bench.base.train.num_rounds), "", diagnostics_markdown(main), "", reading(main)]
+    lines += ["", rounds_line(main, bench.base.train.num_rounds), "", diagnostics_markdown(main), "",
+              reading(main, metric)]
+    if metric != "balanced_accuracy":
+        lines += ["", per_site_markdown(main, metric), "",
+                  shift_markdown(main, shifted_sites(bench.base.data.root), metric)]
     return "\n".join(lines)
 
 
@@ -556,70 +696,163 @@ def diagnostics_markdown(main: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-PAIRED_NOTE = ("Differences: a method minus the one it is compared with (in a table, the row's minus the column's), "
-               "in site-mean test balanced accuracy (personalized view, each site at its best-validation round), with "
-               "the 95 % interval of a paired bootstrap over sites × seeds (sites and seeds resampled with replacement, "
-               "jointly, 10,000 resamples; docs/results.md, \"Intervals\"). *real*: the interval excludes 0.")
+def paired_note(name: str = NAME["balanced_accuracy"]) -> str:
+    """How the differences are made, in the headline metric `name` (its name in prose)."""
+    return ("Differences: a method minus the one it is compared with (in a table, the row's minus the column's), "
+            f"in site-mean test {name} (personalized view, each site at its best-validation round), with "
+            "the 95 % interval of a paired bootstrap over sites × seeds (sites and seeds resampled with replacement, "
+            "jointly, 10,000 resamples; docs/results.md, \"Intervals\"). *real*: the interval excludes 0.")
 
 
-def _diff_line(name_a: str, a: list[dict], name_b: str, b: list[dict]) -> str:
-    d = paired_difference(site_seed_scores(a), site_seed_scores(b))
+PAIRED_NOTE = paired_note()
+
+
+def _diff_line(name_a: str, a: list[dict], name_b: str, b: list[dict], metric: str | None = None) -> str:
+    metric = _metric(a, metric)
+    d = paired_difference(site_seed_scores(a, metric=metric), site_seed_scores(b, metric=metric))
     if math.isnan(d.low):
         verdict = "no interval (one seed or one site): not a finding"
     else:
         verdict = "a real difference" if d.real else "no real difference (the interval holds 0)"
-    worst = aggregate(a)["worst"][0] - aggregate(b)["worst"][0]
+    worst = aggregate(a, metric=metric)["worst"][0] - aggregate(b, metric=metric)["worst"][0]
     return f"- {name_a} vs {name_b}: {d.text().removesuffix(', real')}: {verdict}. Worst site: {worst:+.3f}."
 
 
 def paired_markdown(cells: dict[str, dict[tuple[str, int], float]], means: dict[str, float],
-                    references: tuple[str, ...] = ("fedavg_lora", "local")) -> str:
+                    references: tuple[str, ...] = ("fedavg_lora", "local"), label: str = LABEL["balanced_accuracy"]
+                    ) -> str:
     """Every method against each reference method present: the paired difference and its interval."""
     refs = [r for r in references if r in cells]
     if not refs:
         return ""
-    lines = ["| method | bal. acc. | " + " | ".join(f"vs {r}" for r in refs) + " |", "|" + "---|" * (2 + len(refs))]
+    lines = [f"| method | {label} | " + " | ".join(f"vs {r}" for r in refs) + " |", "|" + "---|" * (2 + len(refs))]
     for method in cells:
         lines.append(f"| {method} | {means[method]:.3f} | " + " | ".join(
             "—" if method == r else paired_difference(cells[method], cells[r]).text() for r in refs) + " |")
     return "\n".join(lines)
 
 
-def reading(main: dict[str, list[dict]]) -> str:
+def reading(main: dict[str, list[dict]], metric: str | None = None) -> str:
     """The comparisons the README asks for, computed from the numbers (real: the paired interval excludes 0)."""
-    main = {m: rs for m, rs in main.items() if aggregate(rs)}
-    agg = {m: aggregate(rs) for m, rs in main.items()}
-    out = ["### Reading (generated from the numbers)", "", PAIRED_NOTE, ""]
-    table = paired_markdown({m: site_seed_scores(rs) for m, rs in main.items()},
-                            {m: a["bacc"][0] for m, a in agg.items()})
+    metric = _main_metric(main, metric)
+    main = {m: rs for m, rs in main.items() if aggregate(rs, metric=metric)}
+    agg = {m: aggregate(rs, metric=metric) for m, rs in main.items()}
+    out = ["### Reading (generated from the numbers)", "", paired_note(NAME[metric]), ""]
+    table = paired_markdown({m: site_seed_scores(rs, metric=metric) for m, rs in main.items()},
+                            {m: a["score"][0] for m, a in agg.items()}, label=LABEL[metric])
     if table:
         out += [table, ""]
     fedopal = [m for m in FEDOPAL if m in agg]
     for m in fedopal:
         if "dual_lora" in agg:
-            out.append(_diff_line(m, main[m], "dual_lora (lambda = 0)", main["dual_lora"]))
+            out.append(_diff_line(m, main[m], "dual_lora (lambda = 0)", main["dual_lora"], metric))
         if "fedavg_lora" in agg:
-            out.append(_diff_line(m, main[m], "fedavg_lora", main["fedavg_lora"]))
+            out.append(_diff_line(m, main[m], "fedavg_lora", main["fedavg_lora"], metric))
     if agg:
-        ranked = sorted(agg, key=lambda m: -agg[m]["bacc"][0])
-        ranking = ", ".join(f"{m} {agg[m]['bacc'][0]:.3f}" for m in ranked)
-        out.append(f"- Ranking by mean balanced accuracy (an order of means, not of real differences): {ranking}.")
+        ranked = sorted(agg, key=lambda m: -agg[m]["score"][0])
+        ranking = ", ".join(f"{m} {agg[m]['score'][0]:.3f}" for m in ranked)
+        out.append(f"- Ranking by mean {NAME[metric]} (an order of means, not of real differences): {ranking}.")
         for m in fedopal:
-            better = [o for o in agg if o != m and agg[o]["bacc"][0] > agg[m]["bacc"][0]]
+            better = [o for o in agg if o != m and agg[o]["score"][0] > agg[m]["score"][0]]
             worse_worst = [o for o in agg if o != m and agg[o]["worst"][0] > agg[m]["worst"][0]]
             out.append(f"- {m} is beaten on the mean by: {', '.join(better) or 'nobody'}; "
                        f"on the worst site by: {', '.join(worse_worst) or 'nobody'}.")
     return "\n".join(out)
 
 
-def studies_markdown(studies: dict) -> str:
-    lines = ["# Studies", "", "Each value: mean ± sd over seeds of the site-mean test balanced accuracy "
+# -- segmentation: per site, and on the sites whose masks follow another contouring convention ----------------------
+
+DUAL = ("dual_lora", "feddpa", "fedopal_w", "fedopal_r", "fedopal_p")  # two adapters: a global-only view exists
+
+
+def shifted_sites(root: str) -> dict[str, str]:
+    """{site: its shift} for the sites of the federation at `root` whose masks were drawn with another contouring
+    convention (federation.json: contour_px != 0, as fedopal.tools.hc18 writes it); {} where the federation says
+    nothing of it."""
+    try:
+        with open(os.path.join(root, "federation.json")) as f:
+            sites = json.load(f).get("sites", {})
+    except (OSError, ValueError):
+        return {}
+    return {site: info.get("shift_description", info.get("shift", "")) for site, info in sorted(sites.items())
+            if isinstance(info, dict) and info.get("contour_px", 0)}
+
+
+def per_site_markdown(main: dict[str, list[dict]], metric: str | None = None) -> str:
+    """Each site's test headline metric, personalized view, mean ± sd over seeds, per method."""
+    metric = _main_metric(main, metric)
+    cells = {m: site_seed_scores(rs, metric=metric) for m, rs in main.items()}
+    sites = sorted({s for c in cells.values() for s, _ in c})
+    lines = [f"### Per site (test {NAME[metric]}, personalized view, mean ± sd over seeds)", "",
+             "| method | " + " | ".join(sites) + " |", "|" + "---|" * (1 + len(sites))]
+    for method, c in cells.items():
+        lines.append(f"| {method} | " + " | ".join(
+            _pm(_mean_sd([v for (s, _), v in sorted(c.items()) if s == site])) for site in sites) + " |")
+    return "\n".join(lines)
+
+
+def _site_diff(a: dict[tuple[str, int], float], b: dict[tuple[str, int], float], site: str) -> str:
+    """One site: mean ± sd over seeds of a - b (too few seeds for an interval of its own)."""
+    diffs = [a[k] - b[k] for k in sorted(a) if k[0] == site and k in b]
+    mean, sd = _mean_sd(diffs)
+    return "n/a" if math.isnan(mean) else f"{mean:+.3f}" if math.isnan(sd) else f"{mean:+.3f} ± {sd:.3f}"
+
+
+def comparison_rows(main: dict[str, list[dict]], metric: str | None = None
+                    ) -> list[tuple[str, dict[tuple[str, int], float], dict[tuple[str, int], float]]]:
+    """(label, a, b): the comparisons of the segmentation reading, as {(site, seed): value} of each side. Personal
+    against shared state (every method - fedavg_lora, whose adapter and decoder are all averaged); orthogonality
+    beyond dual_lora (each dual method - dual_lora, the same two adapters and personal decoder at lambda = 0); and the
+    personal adapter alone (a dual method's personalized minus its global-only view: the same run and decoder)."""
+    metric = _main_metric(main, metric)
+    cells = {m: site_seed_scores(rs, metric=metric) for m, rs in main.items()}
+    rows = []
+    if "fedavg_lora" in cells:
+        rows += [(f"{m} − fedavg_lora", cells[m], cells["fedavg_lora"]) for m in cells if m != "fedavg_lora"]
+    if "dual_lora" in cells:
+        rows += [(f"{m} − dual_lora", cells[m], cells["dual_lora"]) for m in DUAL if m in cells and m != "dual_lora"]
+    for m in DUAL:
+        if m in main:
+            off = site_seed_scores(main[m], "global_only", metric)
+            if off:
+                rows.append((f"{m}: personal adapter on − off", cells[m], off))
+    return rows
+
+
+def shift_markdown(main: dict[str, list[dict]], shifted: dict[str, str], metric: str | None = None) -> str:
+    """The paired differences over all sites, over the contouring-shift sites together, and on each of them."""
+    metric = _main_metric(main, metric)
+    sites = list(shifted)
+    lines = ["### Personal or shared under a contouring-convention shift", ""]
+    if not sites:
+        return "\n".join(lines + ["The federation names no site with a contouring shift (federation.json "
+                                  "contour_px): no per-shift table."])
+    lines += ["Contouring-shift sites (federation.json): " + "; ".join(f"{s}: {d}" for s, d in shifted.items())
+              + ".", "",
+              f"Paired differences in test {NAME[metric]} (personalized view unless said). *all sites*, *"
+              + ", ".join(sites) + "*: the paired bootstrap over those sites × seeds with its 95 % interval (over "
+              f"{len(sites)} sites the interval is rougher than over all: few sites to resample); a single site: "
+              "mean ± sd over seeds of the per-seed difference (too few seeds for an interval). *personal adapter "
+              "on − off*: the same runs with and without the personal adapter (the site's decoder kept).", "",
+              "| comparison | all sites | " + ", ".join(sites) + " | " + " | ".join(sites) + " |",
+              "|" + "---|" * (3 + len(sites))]
+    for label, a, b in comparison_rows(main, metric):
+        subset = lambda c: {k: v for k, v in c.items() if k[0] in shifted}  # noqa: E731
+        lines.append(f"| {label} | {paired_difference(a, b).text()} | "
+                     f"{paired_difference(subset(a), subset(b)).text()} | "
+                     + " | ".join(_site_diff(a, b, s) for s in sites) + " |")
+    return "\n".join(lines)
+
+
+def studies_markdown(studies: dict, metric: str | None = None) -> str:
+    metric = _metric((r for values in studies.values() for _, rs in values for r in rs), metric)
+    lines = ["# Studies", "", f"Each value: mean ± sd over seeds of the site-mean test {NAME[metric]} "
              "(selection on validation), and of the worst site.", ""]
     for name, values in studies.items():
-        lines += [f"## {name}", "", "| value | bal. acc. | worst site | bytes / round |", "|---|---|---|---|"]
+        lines += [f"## {name}", "", f"| value | {LABEL[metric]} | worst site | bytes / round |", "|---|---|---|---|"]
         for label, results in values:
-            agg = aggregate(results)
-            lines.append(f"| {label} | {_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | {agg['bytes_per_round']:,.0f} |")
+            agg = aggregate(results, metric=metric)
+            lines.append(f"| {label} | {_pm(agg['score'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | {agg['bytes_per_round']:,.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -632,6 +865,7 @@ def _epsilon_reached(results: list[dict]) -> float:
 
 def privacy_markdown(privacy: dict, base: FedOpalConfig) -> str:
     ps = base.bench.privacy
+    metric = HEADLINE[base.data.task]
     lines = ["# Privacy study", "",
              f"{base.name}: {base.federation.num_sites} sites, {base.train.num_rounds} rounds, {base.model.backbone} "
              f"at {base.data.image_size}, delta {1e-5:g} (privacy.delta), class weights `{ps.class_weights}` in every "
@@ -639,16 +873,17 @@ def privacy_markdown(privacy: dict, base: FedOpalConfig) -> str:
              f"round update to C = {ps.clip_norm_update:g} and adds Gaussian noise (a guarantee for the site's whole "
              f"dataset); *dpsgd*: DP-SGD over every trained tensor, per-sample clip C = {ps.clip_norm_dpsgd:g}, "
              "Poisson batches (a guarantee per patient record, add/remove). The noise is calibrated so that the last "
-             "round reaches the target epsilon; *epsilon reached* is the largest any site reported. Balanced "
-             "accuracy: site mean of each site's test value at its best-validation round, mean ± sd over seeds.", "",
+             "round reaches the target epsilon; *epsilon reached* is the largest any site reported. "
+             f"{NAME[metric][0].upper() + NAME[metric][1:]}: site mean of each site's test value at its "
+             "best-validation round, mean ± sd over seeds.", "",
              "*final round*: the same at the last round (no selection); *round chosen*: the mean best-validation "
              "round (1-based).", "",
-             "| method | DP mode | target epsilon | epsilon reached | bal. acc. | worst site | final round | "
+             f"| method | DP mode | target epsilon | epsilon reached | {LABEL[metric]} | worst site | final round | "
              "round chosen | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method, rows in privacy.items():
         for mode, eps, results in rows:
-            agg = aggregate(results)
+            agg = aggregate(results, metric=metric)
             if not agg:
                 continue
             reached = _epsilon_reached(results)
@@ -657,26 +892,27 @@ def privacy_markdown(privacy: dict, base: FedOpalConfig) -> str:
             chosen = statistics.fmean(x["best_round"] for rs in rows_ for x in rs)
             lines.append(f"| {method} | {mode if mode != 'none' else 'no DP'} | "
                          f"{'∞' if math.isinf(eps) else f'{eps:g}'} | {'∞' if math.isinf(reached) else f'{reached:.2f}'} | "
-                         f"{_pm(agg['bacc'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
+                         f"{_pm(agg['score'], agg['sites'], agg['total_sites'])} | {_pm(agg['worst'])} | "
                          f"{_pm(final)} | {chosen:.1f} | {agg['n_seeds']} |")
     return "\n".join(lines) + "\n"
 
 
 def _final_mean(results: list[dict]) -> tuple[float, float]:
-    rows = [site_results(r, "personalized") for r in results]
-    return _mean_sd([covered_mean([x["final_balanced_accuracy"] for x in rs])[0] for rs in rows if rs])
+    metric = _metric(results, None)
+    rows = [site_results(r, "personalized", metric) for r in results]
+    return _mean_sd([covered_mean([x[f"final_{metric}"] for x in rs])[0] for rs in rows if rs])
 
 
 def plot_privacy(privacy: dict, path: str) -> None:
-    """Site-mean balanced accuracy against epsilon (log axis), at the best-validation round (left) and at the final
-    round (right): a line per method and mode, no DP dashed."""
+    """Site-mean headline metric (balanced accuracy; segmentation: Dice) against epsilon (log axis), at the
+    best-validation round (left) and at the final round (right): a line per method and mode, no DP dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, title, value in ((axes[0], "at each site's best-validation round", lambda res: aggregate(res)["bacc"]),
+    for ax, title, value in ((axes[0], "at each site's best-validation round", lambda res: aggregate(res)["score"]),
                              (axes[1], "at the final round", _final_mean)):
         for i, (method, rows) in enumerate(privacy.items()):
             color = f"C{i}"
@@ -692,7 +928,8 @@ def plot_privacy(privacy: dict, path: str) -> None:
         ax.set_xlabel("epsilon (delta = 1e-5), log scale")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("site-mean test balanced accuracy")
+    results = [r for rows in privacy.values() for _, _, res in rows for r in res]
+    axes[0].set_ylabel(f"site-mean test {NAME[_metric(results, None)]}")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, ncol=3, loc="lower center")
     fig.suptitle("Accuracy against the privacy budget (update: dotted squares, dpsgd: solid circles)", fontsize=11)
@@ -707,13 +944,15 @@ def write_privacy(privacy: dict, base: FedOpalConfig, out_dir: str) -> None:
     plot_privacy(privacy, os.path.join(out_dir, "privacy.png"))
 
 
-def plot(main: dict[str, list[dict]], out_dir: str) -> None:
+def plot(main: dict[str, list[dict]], out_dir: str, metric: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    metric = _main_metric(main, metric)
+    name = NAME[metric]
     methods = list(main)
     sites = sorted({s for rs in main.values() for r in rs for s in r["sites"]})
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(sites) * len(methods) / 3), 4))
@@ -721,28 +960,28 @@ def plot(main: dict[str, list[dict]], out_dir: str) -> None:
     for i, m in enumerate(methods):
         per_site = {s: [] for s in sites}
         for r in main[m]:
-            for row in site_results(r, "personalized"):
-                per_site[row["site"]].append(row["balanced_accuracy"])
+            for row in site_results(r, "personalized", metric):
+                per_site[row["site"]].append(row[metric])
         means = [np.nanmean(per_site[s]) if per_site[s] else np.nan for s in sites]
         sds = [np.nanstd(per_site[s]) if per_site[s] else np.nan for s in sites]
         ax.bar(np.arange(len(sites)) + i * width, means, width, yerr=sds, label=m, capsize=2)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
-    ax.set_ylabel("test balanced accuracy")
+    ax.set_ylabel(f"test {name}")
     ax.set_ylim(0.4, 1.0)
     ax.legend(fontsize=7, ncol=3)
-    ax.set_title("Per-site balanced accuracy (personalized, mean ± sd over seeds)")
+    ax.set_title(f"Per-site {name} (personalized, mean ± sd over seeds)")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "per_site.png"), dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in methods:
-        curves = np.array([curve(r) for r in main[m]])
+        curves = np.array([curve(r, metric) for r in main[m]])
         ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), "-o", label=m, markersize=3)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("site-mean test balanced accuracy")
-    ax.set_title("Balanced accuracy against rounds (mean over seeds)")
+    ax.set_ylabel(f"site-mean test {name}")
+    ax.set_title(f"{name[0].upper() + name[1:]} against rounds (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
@@ -752,22 +991,31 @@ def plot(main: dict[str, list[dict]], out_dir: str) -> None:
 
 # -- "Which method for my consortium?": the guide across federations ------------------------------------------
 
+def csv_metric(summary_csv: str) -> str:
+    """The headline metric of a bench summary.csv: the first of HEADLINE's that is one of its columns."""
+    with open(summary_csv, newline="") as f:
+        columns = next(csv.reader(f), [])
+    return next((m for m in HEADLINE.values() if m in columns), HEADLINE["classification"])
+
+
 def method_scores(summary_csv: str) -> dict[str, dict]:
-    """From a bench summary.csv: per method, the site-mean test balanced accuracy of the personalized view per seed
-    (undefined sites left out), its worst site per seed, and every (site, seed) value (for paired differences)."""
+    """From a bench summary.csv: per method, the site-mean test headline metric (balanced accuracy; segmentation:
+    Dice) of the personalized view per seed (undefined sites left out), its worst site per seed, and every
+    (site, seed) value (for paired differences)."""
+    metric = csv_metric(summary_csv)
     per: dict[str, dict[tuple[str, int], float]] = {}
     with open(summary_csv, newline="") as f:
         for row in csv.DictReader(f):
             if row["eval"] != "personalized":
                 continue
-            per.setdefault(row["method"], {})[(row["site"], int(row["seed"]))] = float(row["balanced_accuracy"])
+            per.setdefault(row["method"], {})[(row["site"], int(row["seed"]))] = float(row[metric])
     out = {}
     for method, cells in per.items():
         seeds = sorted({k for _, k in cells})
         by_seed = [[v for (_, k), v in cells.items() if k == seed] for seed in seeds]
         means = [covered_mean(v)[0] for v in by_seed]
         worst = [min((x for x in v if not math.isnan(x)), default=math.nan) for v in by_seed]
-        out[method] = {"bacc": _mean_sd(means), "worst": _mean_sd(worst), "n_seeds": len(means), "cells": cells}
+        out[method] = {"score": _mean_sd(means), "worst": _mean_sd(worst), "n_seeds": len(means), "cells": cells}
     return out
 
 
@@ -775,26 +1023,28 @@ def guide_markdown(folders: list[str]) -> str:
     """One row per federation: the highest mean, FedOPAL's best variant and its rank, its paired differences from the
     highest, fedavg_lora and local with their intervals; then every method against fedavg_lora and against local on
     every federation, and a plain reading of which differences are real, all from the committed summaries."""
-    lines = ["| federation | highest mean (bal. acc.) | best FedOPAL variant: rank, bal. acc. | "
+    metrics = list(dict.fromkeys(csv_metric(os.path.join(folder, "summary.csv")) for folder in folders))
+    label, metric_name = " / ".join(LABEL[m] for m in metrics), " / ".join(NAME[m] for m in metrics)
+    lines = [f"| federation | highest mean ({label}) | best FedOPAL variant: rank, {label} | "
              "FedOPAL vs the highest | FedOPAL vs fedavg_lora | FedOPAL vs local | worst site: highest / FedOPAL |",
              "|---|---|---|---|---|---|---|"]
     scores_of = {os.path.basename(os.path.normpath(folder)): method_scores(os.path.join(folder, "summary.csv"))
                  for folder in folders}
     readings = []
     for name, scores in scores_of.items():
-        ranked = sorted(scores, key=lambda m: -scores[m]["bacc"][0])
+        ranked = sorted(scores, key=lambda m: -scores[m]["score"][0])
         best = ranked[0]
-        ours = max((m for m in FEDOPAL if m in scores), key=lambda m: scores[m]["bacc"][0], default=None)
+        ours = max((m for m in FEDOPAL if m in scores), key=lambda m: scores[m]["score"][0], default=None)
         if ours is not None:
             cells = ["—" if other == ours else "n/a" if other not in scores else
                      paired_difference(scores[ours]["cells"], scores[other]["cells"]).text()
                      for other in (best, "fedavg_lora", "local")]
-            lines.append(f"| {name} | {best} {_pm(scores[best]['bacc'])} | {ours}: {ranked.index(ours) + 1} of "
-                         f"{len(ranked)}, {_pm(scores[ours]['bacc'])} | " + " | ".join(cells) +
+            lines.append(f"| {name} | {best} {_pm(scores[best]['score'])} | {ours}: {ranked.index(ours) + 1} of "
+                         f"{len(ranked)}, {_pm(scores[ours]['score'])} | " + " | ".join(cells) +
                          f" | {scores[best]['worst'][0]:.3f} / {scores[ours]['worst'][0]:.3f} |")
         readings.append(f"- **{name}**: " + _guide_reading(scores, best))
-    lines += ["", "*bal. acc.*: mean ± sd over seeds of the site-mean test balanced accuracy (personalized view, each "
-              "site at its best-validation round). " + PAIRED_NOTE, ""]
+    lines += ["", f"*{label}*: mean ± sd over seeds of the site-mean test {metric_name} (personalized view, each "
+              "site at its best-validation round). " + paired_note(metric_name), ""]
     methods = list(dict.fromkeys(m for scores in scores_of.values() for m in scores))
     columns = [(name, ref) for name, scores in scores_of.items() for ref in ("fedavg_lora", "local") if ref in scores]
     if columns:
@@ -826,10 +1076,10 @@ def _guide_reading(scores: dict[str, dict], best: str) -> str:
     def real(ref: str, sign: int) -> str:
         return ", ".join(m for m in scores if m != ref and _real_sign(scores[m]["cells"], scores[ref]["cells"]) == sign)
 
-    parts = [f"highest mean {best} ({scores[best]['bacc'][0]:.3f}), really below it: {real(best, -1) or 'none'}"]
+    parts = [f"highest mean {best} ({scores[best]['score'][0]:.3f}), really below it: {real(best, -1) or 'none'}"]
     parts += [f"vs {ref}: really above {real(ref, 1) or 'none'}, really below {real(ref, -1) or 'none'}"
               for ref in ("fedavg_lora", "local") if ref in scores and ref != best]
-    return "; ".join(parts) + f". Order of means: {', '.join(sorted(scores, key=lambda m: -scores[m]['bacc'][0]))}."
+    return "; ".join(parts) + f". Order of means: {', '.join(sorted(scores, key=lambda m: -scores[m]['score'][0]))}."
 
 
 def run_only(bench: Bench, study: str, cached_only: bool = False) -> int:
@@ -849,7 +1099,8 @@ def run_only(bench: Bench, study: str, cached_only: bool = False) -> int:
     total = sum(len(runs) for values in studies.values() for _, runs in values)
     results = {name: [(label, [bench.run(s, total) for s in runs]) for label, runs in values]
                for name, values in studies.items()}
-    text = studies_markdown(results).replace("# Studies", "# Transfer quantization (NVFlare ModelQuantizer)", 1)
+    text = studies_markdown(results, bench.metric).replace(
+        "# Studies", "# Transfer quantization (NVFlare ModelQuantizer)", 1)
     with open(os.path.join(bench.out_dir, "quantization.md"), "w") as f:
         f.write(text)
     print(text)
@@ -915,7 +1166,7 @@ def main(argv=None) -> int:
         return 1
     title = (f"{cfg.name}: {len(cfg.bench.methods)} methods, seeds {cfg.bench.seeds}, {cfg.train.num_rounds} rounds, "
              f"{cfg.model.backbone} at {cfg.data.image_size}, {cfg.federation.num_sites} sites")
-    write_csv(results["main"], os.path.join(out_dir, "summary.csv"))
+    write_csv(results["main"], os.path.join(out_dir, "summary.csv"), bench.metric)
     cpu = [v for v in bench.cpu_s.values() if not math.isnan(v)]
     md = main_markdown(bench, results["main"], title) + (
         f"\n\nBenchmark wall time: {wall / 60:.1f} min (this invocation). CPU time of the {len(bench.cpu_s)} runs "
@@ -926,11 +1177,11 @@ def main(argv=None) -> int:
         f.write(md)
     if results["studies"]:
         with open(os.path.join(out_dir, "studies.md"), "w") as f:
-            f.write(studies_markdown(results["studies"]))
+            f.write(studies_markdown(results["studies"], bench.metric))
     with open(os.path.join(out_dir, "chosen.json"), "w") as f:
         json.dump({"fedopal_version": fedopal.__version__, "chosen_lr": bench.chosen_lr, "tuning": {m: {str(k): v for k, v in s.items()}
                                                             for m, s in bench.tuning.items()}}, f, indent=2)
-    plot(results["main"], out_dir)
+    plot(results["main"], out_dir, bench.metric)
     if results["privacy"]:
         write_privacy(results["privacy"], cfg, out_dir)
     print(md)
