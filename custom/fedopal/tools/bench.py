@@ -42,6 +42,7 @@ from fedopal.config import HEADLINE, ConfigError, FedOpalConfig, load_config, pa
 from fedopal.site.device import DeviceError, check_precision, resolve_device
 from fedopal.specs.methods import get_method
 from fedopal.site.selection import best_round
+from fedopal.site.state import simulation_state_root
 from fedopal.tools.report import collect_site_records, covered_mean, site_epsilons, updates_log
 
 EVALS = ("personalized", "global_only")
@@ -188,7 +189,10 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, 
     with open(tmp, "w") as f:
         json.dump(result, f)
     os.replace(tmp, cache)
-    shutil.rmtree(job_ws, ignore_errors=True)  # the per-run numbers are kept; the 20 MB checkpoints are not
+    # the per-run numbers are kept; the checkpoints are not: the job's workspace, and the sites' states beside it
+    # (personal state, exports; 60 MB a segmentation run)
+    for folder in (job_ws, simulation_state_root(job_ws)):
+        shutil.rmtree(folder, ignore_errors=True)
     return result
 
 
