@@ -324,13 +324,13 @@ def test_segmentation_tables_are_in_dice(tmp_path):
 
 
 def test_the_secret_scan_shortcut_splits_as_shlex_does():
-    """bench.linear_secret_scan: a plain string is one shlex token; anything shlex would treat specially (space,
+    """job.linear_secret_scan: a plain string is one shlex token; anything shlex would treat specially (space,
     quote, backslash) goes through NVFlare's own tokenizer."""
     import shlex
 
     from nvflare.fuel.utils import secret_utils
 
-    from fedopal.tools.bench import linear_secret_scan
+    from fedopal.tools.job import linear_secret_scan
 
     linear_secret_scan()
     linear_secret_scan()  # idempotent: one wrapper, not two

@@ -140,34 +140,6 @@ def _cpu_seconds() -> float:
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-_SHLEX_SPECIAL = frozenset(" \t\r\n\v\f'\"\\")
-
-
-def linear_secret_scan() -> None:
-    """Make NVFlare's scan of a generated job for secrets linear in a long plain string; its findings are unchanged.
-
-    Before it starts the simulator, NVFlare (fuel.utils.secret_utils) splits every string of the job's configs with
-    shlex, character by character and worse than linearly in a token's length. The server config carries the job's
-    initial shared state as one base64 string (job.build_recipe): 0.2 M characters with LoRA alone, 4.8 M with a
-    shared UNETR decoder (fedavg_lora, ffa_lora), more with full_ft: the parent process of a one-round fedavg_lora
-    segmentation run spent 9 minutes or more in it before any site started. A string with no whitespace, quote or backslash is one shlex
-    token (shlex.split(s) == [s] there, comments being off); for such a string this returns it without the
-    character loop. Every other string takes NVFlare's own path. Idempotent."""
-    from nvflare.fuel.utils import secret_utils
-
-    split = secret_utils._split_token_variants
-    if getattr(split, "fedopal_linear", False):
-        return
-
-    def fast_split(text: str) -> list[list[str]]:
-        if text and _SHLEX_SPECIAL.isdisjoint(text):
-            return [[text]]
-        return split(text)
-
-    fast_split.fedopal_linear = True
-    secret_utils._split_token_variants = fast_split
-
-
 def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, gpus: str | None = None) -> dict:
     from fedopal.tools.job import simulate
 
@@ -175,7 +147,6 @@ def run_once(base: FedOpalConfig, spec: RunSpec, runs_dir: str, workspace: str, 
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    linear_secret_scan()
     cfg = spec.config(base)
     start, cpu_start = time.time(), _cpu_seconds()
     job_ws = simulate(cfg, workspace, gpus=gpus)
