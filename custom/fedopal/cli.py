@@ -15,7 +15,7 @@ import sys
 # subcommand -> (module, who runs it and what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("fedopal.site.validate", "site: check every row and file of a site's data before training"),
-    "predict": ("fedopal.site.predict", "site: an exported model on new images -> CSV (and metrics)"),
+    "predict": ("fedopal.site.predict", "site: an exported model on new images -> CSV (and metrics; masks too)"),
     "export-bundle": ("fedopal.site.bundle", "site: an exported model as a MONAI bundle (MONAI Deploy, MONAI Label)"),
     "latejoin": ("fedopal.site.latejoin", "site: join after training, from the federation's global model"),
     "site-policy": ("fedopal.policy.install", "site: install the site's privacy policy and allow-list in its kit"),
