@@ -92,10 +92,12 @@ def poc_project(consortium: dict, sites: list[str], port: int, he: bool = False)
     server = {**servers[0], "name": POC_SERVER_NAME, "fed_learn_port": port, "admin_port": port}
     # Site i joins the org of the i-th hospital, so org_admin and lead rights behave as in the consortium.
     clients = [{"name": s, "type": "client", "org": hospitals[i % len(hospitals)]["org"]} for i, s in enumerate(sites)]
+    project = {**consortium, "participants": [server, *clients, *admins]}
     builders = list(consortium.get("builders") or [])
     if he and HE_BUILDER["path"] not in [b.get("path") for b in builders]:
         builders.insert(max(len(builders) - 1, 0), dict(HE_BUILDER))
-    return {**consortium, "participants": [server, *clients, *admins], "builders": builders}
+        project["builders"] = builders  # without he the project keeps its own (or FLARE's default) builders
+    return project
 
 
 def install_site_policy(kit_dir: str, policy: str | None = SITE_PRIVACY, deny_byoc: bool = False) -> None:

@@ -29,7 +29,9 @@ def audit(job_ws, cfg, policy=None):
     return result
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("late_join", "fedopal_w")])  # fedopal_w: below
+# One method per distinct wire: feddpa sends what dual_lora sends (same shared groups, no regularizer), fedopal_r what
+# fedopal_p and fedopal_w (below) send (same shared groups, a regularizer: the diagnostics); the others differ.
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("late_join", "fedopal_w", "feddpa", "fedopal_r")])
 def test_every_method_sends_what_the_contract_allows(small_federation, tmp_path, method):
     root, _ = small_federation
     cfg = tiny_config(root, method=method, num_rounds=1, local_steps=1)
