@@ -20,6 +20,7 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
+from nvflare.apis.utils.decomposers import flare_decomposers
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import common_decomposers
@@ -57,7 +58,11 @@ def site_ctx(name: str) -> FLContext:
 
 
 def wire(shareable: Shareable) -> Shareable:
-    """What the other side receives: FLARE's FOBS serialization there and back."""
+    """What the other side receives: FLARE's FOBS serialization there and back. FLARE's own decomposers first, as every
+    FLARE process registers them at start: otherwise FOBS auto-registers a data-class decomposer for Shareable in this
+    pytest process, and every later in-process FLARE API session (test_poc_e2e's admin login) decodes the server's
+    replies as empty Shareables."""
+    flare_decomposers.register()
     common_decomposers.register()
     decomposers.register()
     return fobs.deserialize(fobs.serialize(shareable, DatumManager(2 ** 40)), DatumManager(2 ** 40))
