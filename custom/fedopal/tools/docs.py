@@ -145,6 +145,8 @@ def _perf_table() -> str:
     lines = [f"Measured on {perf['machine']}, `docs/perf/summary.json`:", "", "| measure | value | target |",
              "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if perf.get("loop_note"):
+        lines += ["", perf["loop_note"]]
     if "method_cost" in perf:
         lines += ["", "(f) each method's site loop, fused adapters (the default) and peft's own path "
                   "(`model.fused_adapters: false`), 64², batch 32, one thread, each in its own process, best of 3:",
