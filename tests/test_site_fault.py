@@ -78,3 +78,44 @@ def test_rounds_complete_without_a_dead_site_and_its_state_survives(tmp_path):
     assert note.startswith("resumed the personal state saved at round")
     assert rejoin["round"] >= saved["round"]
     assert set(rejoin["state"]) == set(saved["state"])
+
+
+def test_a_site_lost_at_start_up_ends_the_run_in_one_line_instead_of_a_hang(tmp_path):
+    """Every site is needed (min_clients = the 2 sites) and site-2's process dies as it starts: FLARE's simulator
+    alone waits forever (measured: still running 240 s later); the watchdog stops it and names the site."""
+    import threading
+
+    from fedopal.config import config_from_dict
+    from fedopal.tools.job import simulate
+    from fedopal.tools.watchdog import SiteLostError
+
+    root = tmp_path / "fed"
+    build_federation(NPZ, str(root), num_sites=2, seed=2, train_per_site=32, val_per_site=12, test_per_site=12,
+                     min_test_per_class=4, min_val_per_class=3)
+    raw = tiny_config(root).model_dump(mode="json")
+    raw["train"].update(num_rounds=2, local_steps=2)
+    raw["federation"] = {"num_sites": 2}
+    cfg = config_from_dict(raw)
+    ws = tmp_path / "ws"
+    killed: list[float] = []
+
+    def kill_site_2():  # the hospital's machine goes down as the job starts (out of memory, a reboot)
+        deadline = time.time() + 120
+        while not killed and time.time() < deadline:
+            worker = site_worker(ws / raw["name"], "site-2")
+            if worker is not None:
+                worker.kill()
+                killed.append(time.time())
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_site_2, daemon=True)
+    killer.start()
+    t0 = time.time()
+    with pytest.raises(SiteLostError) as err:
+        simulate(cfg, str(ws), site_lost_grace_s=5)
+    killer.join()
+    message = str(err.value)
+    assert killed and message.startswith("site-2: its site process ended") and "\n" not in message
+    assert "federation.min_clients" in message and str(ws / raw["name"] / "site-2" / "log.txt") in message
+    assert time.time() - t0 < 150, time.time() - t0  # FLARE's own 60 s connection timeout, the grace, the stop
+    assert site_worker(ws / raw["name"], "site-1") is None  # nothing of the run is left behind

@@ -46,6 +46,7 @@ from fedopal.config import (HEADLINE, ConfigError, FedOpalConfig, config_from_di
                             parse_overrides)
 from fedopal.site.state import job_identity, simulation_state_root
 from fedopal.specs.methods import get_method
+from fedopal.tools import watchdog
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedopal.__file__))
 CUSTOM_ROOT = os.path.dirname(PACKAGE_DIR)  # FLARE resolves the relative site script from here
@@ -542,14 +543,16 @@ def resume_point(job_ws: str, state_root: str, num_rounds: int) -> tuple[str, in
 
 
 def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume: bool = False,
-             gpus: str | None = None) -> str:
+             gpus: str | None = None, site_lost_grace_s: float = watchdog.GRACE_S) -> str:
     """Run the job in the FLARE simulator; returns the job's workspace folder.
 
     Sites keep their state beside it (site_state.simulation_state_root). resume=True continues an aborted
     or finished job of the same name from its last global checkpoint and each site's last personal state.
     gpus: FLARE's simulator GPU option, e.g. "0,1" (sites take turns: site-1 on GPU 0, site-2 on GPU 1, site-3 on
     GPU 0, ...) or "[0,1],[2,3]" (groups, for train.nproc_per_site 2); each site process sees only its group
-    (CUDA_VISIBLE_DEVICES), so train.device auto or cuda picks it as cuda:0."""
+    (CUDA_VISIBLE_DEVICES), so train.device auto or cuda picks it as cuda:0.
+    Raises SiteLostError (one line) when a site process dies and fewer than federation.min_clients are left:
+    FLARE's simulator would wait for it forever; it is stopped site_lost_grace_s seconds later (tools/watchdog.py)."""
     from nvflare.recipe import SimEnv
 
     workspace = os.path.abspath(workspace)
@@ -565,14 +568,21 @@ def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume
         cfg = cfg.model_copy(update={"site_state_dir": state_root})
     sites = cfg.federation.sites()
     watcher = ProgressWatcher(job_ws, cfg.train.num_rounds)
+    guard = watchdog.SiteWatchdog(job_ws, sites, cfg.federation.min_clients or len(sites), site_lost_grace_s)
     with contextlib.chdir(CUSTOM_ROOT):
         recipe = build_recipe(cfg, resume=resume_from, python=sys.executable)
         env = SimEnv(clients=sites, workspace_root=workspace, log_config="WARNING", gpu_config=gpus)
         watcher.start()
+        guard.start()
         try:
             with filtered_output(EXPECTED_SHUTDOWN):
                 recipe.run(env)
+        except RuntimeError:
+            if guard.failure:
+                raise watchdog.SiteLostError(guard.failure) from None
+            raise
         finally:
+            guard.stop()
             watcher.stop()
     return job_ws
 
@@ -704,7 +714,7 @@ def main(argv=None) -> int:
             print(line, flush=True)
         try:
             job_ws = simulate(cfg, args.workspace, resume=args.resume, gpus=args.gpus)
-        except ResumeError as err:
+        except (ResumeError, watchdog.SiteLostError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except RuntimeError:  # a site (or the server) died: its own one-line error, from its log
