@@ -552,7 +552,8 @@ def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume
     GPU 0, ...) or "[0,1],[2,3]" (groups, for train.nproc_per_site 2); each site process sees only its group
     (CUDA_VISIBLE_DEVICES), so train.device auto or cuda picks it as cuda:0.
     Raises SiteLostError (one line) when a site process dies and fewer than federation.min_clients are left:
-    FLARE's simulator would wait for it forever; it is stopped site_lost_grace_s seconds later (tools/watchdog.py)."""
+    FLARE's simulator would wait for it forever; it is stopped site_lost_grace_s seconds later (tools/watchdog.py).
+    Not where sites take turns on fewer GPU groups than sites: their processes come and go with their turns."""
     from nvflare.recipe import SimEnv
 
     workspace = os.path.abspath(workspace)
@@ -569,20 +570,27 @@ def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume
     sites = cfg.federation.sites()
     watcher = ProgressWatcher(job_ws, cfg.train.num_rounds)
     guard = watchdog.SiteWatchdog(job_ws, sites, cfg.federation.min_clients or len(sites), site_lost_grace_s)
+    if gpus is not None:
+        from nvflare.private.fed.utils.fed_utils import split_gpus
+
+        if 1 < len(split_gpus(gpus)) < len(sites):  # FLARE runs one site per GPU group at a time: a site's process
+            guard = None  # comes and goes with its turn, and a missing one is not a lost one
     with contextlib.chdir(CUSTOM_ROOT):
         recipe = build_recipe(cfg, resume=resume_from, python=sys.executable)
         env = SimEnv(clients=sites, workspace_root=workspace, log_config="WARNING", gpu_config=gpus)
         watcher.start()
-        guard.start()
+        if guard:
+            guard.start()
         try:
             with filtered_output(EXPECTED_SHUTDOWN):
                 recipe.run(env)
         except RuntimeError:
-            if guard.failure:
+            if guard and guard.failure:
                 raise watchdog.SiteLostError(guard.failure) from None
             raise
         finally:
-            guard.stop()
+            if guard:
+                guard.stop()
             watcher.stop()
     return job_ws
 
