@@ -85,11 +85,14 @@ class SiteWatchdog(threading.Thread):
         if len(lost) <= len(self.sites) - self.min_clients:
             return
         _, first = lost[0]
+        log = os.path.join(self.job_ws, first, "log.txt")
+        where = (f"log: {log}" if os.path.isfile(log) else
+                 f"it wrote no log; the simulator's: {os.path.join(self.job_ws, 'server', 'log.txt')}")
         self.failure = (
             f"{first}: its site process ended during the job (killed, or out of memory: the system log says which) "
             f"and the job needs {self.min_clients} of {len(self.sites)} sites (federation.min_clients), so FLARE's "
             f"simulator would have waited forever; it was stopped {self.grace_s:.0f} s later "
-            f"(log: {os.path.join(self.job_ws, first, 'log.txt')}). Fix: give that site the memory it needs "
+            f"({where}). Fix: give that site the memory it needs "
             f"(train.batch_size, data.image_size), or set federation.min_clients below {len(self.sites)} so the "
             "rounds go on without it; --resume continues from the last finished round.")
         self._stop_simulator()
