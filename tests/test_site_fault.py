@@ -118,5 +118,5 @@ def test_a_site_lost_at_start_up_ends_the_run_in_one_line_instead_of_a_hang(tmp_
     assert killed and message.startswith("site-2: its site process ended") and "\n" not in message
     site_log, server_log = ws / raw["name"] / "site-2" / "log.txt", ws / raw["name"] / "server" / "log.txt"
     assert "federation.min_clients" in message and str(site_log if site_log.is_file() else server_log) in message
-    assert time.time() - t0 < 150, time.time() - t0  # FLARE's own 60 s connection timeout, the grace, the stop
+    assert time.time() - t0 < 150, time.time() - t0  # start-up, the 5 s grace, the stop (21 s here); FLARE alone: never
     assert site_worker(ws / raw["name"], "site-1") is None  # nothing of the run is left behind
