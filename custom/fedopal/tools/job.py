@@ -183,7 +183,7 @@ def build_recipe(cfg: FedOpalConfig, code: bool = True, resume: tuple[str, int] 
         raise JobBuildError("a test site script needs the code-shipping flavor (code=True)")
     linear_secret_scan()  # a shared decoder makes the initial state a string of millions of characters
     start_round = resume[1] + 1 if resume else 0
-    min_clients = cfg.federation.min_clients or cfg.federation.num_sites
+    min_clients = cfg.federation.required_sites()
     executor = FedOpalSiteExecutor(
         job_config=job_dict(cfg), built_for=fedopal.__version__,
         script_args=f"--resume-round {resume[1]}" if resume else "", nproc_per_site=cfg.train.nproc_per_site,
@@ -569,12 +569,13 @@ def simulate(cfg: FedOpalConfig, workspace: str, home: str | None = None, resume
         cfg = cfg.model_copy(update={"site_state_dir": state_root})
     sites = cfg.federation.sites()
     watcher = ProgressWatcher(job_ws, cfg.train.num_rounds)
-    guard = watchdog.SiteWatchdog(job_ws, sites, cfg.federation.min_clients or len(sites), site_lost_grace_s)
-    if gpus is not None:
-        from nvflare.private.fed.utils.fed_utils import split_gpus
+    from nvflare.private.fed.utils.fed_utils import split_gpus
 
-        if 1 < len(split_gpus(gpus)) < len(sites):  # FLARE runs one site per GPU group at a time: a site's process
-            guard = None  # comes and goes with its turn, and a missing one is not a lost one
+    # with fewer GPU groups than sites FLARE runs one site per group at a time: a site's process comes and goes with
+    # its turn, and a missing one is not a lost one
+    takes_turns = gpus is not None and 1 < len(split_gpus(gpus)) < len(sites)
+    guard = None if takes_turns else watchdog.SiteWatchdog(job_ws, sites, cfg.federation.required_sites(),
+                                                           site_lost_grace_s)
     with contextlib.chdir(CUSTOM_ROOT):
         recipe = build_recipe(cfg, resume=resume_from, python=sys.executable)
         env = SimEnv(clients=sites, workspace_root=workspace, log_config="WARNING", gpu_config=gpus)

@@ -335,6 +335,10 @@ class FederationConfig(_Section):
     def weighting(self, privacy_enabled: bool) -> str:
         return self.aggregation_weights or ("equal" if privacy_enabled else "samples")
 
+    def required_sites(self) -> int:
+        """The sites a round needs: min_clients, or every site when it is unset."""
+        return self.min_clients or self.num_sites
+
     @model_validator(mode="before")
     @classmethod
     def _sites_agree(cls, data):
